@@ -1,0 +1,33 @@
+# One entry point for humans and CI. The virtualenv is made on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test check lint types sim clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check worker handlers tests
+	$(BIN)/ruff format --check worker handlers tests
+
+types: $(STAMP)
+	$(BIN)/mypy worker handlers
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+check: lint types test
+
+sim: $(STAMP)
+	$(BIN)/flexworker sim --seed 1 --rate 20
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

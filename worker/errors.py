@@ -1,0 +1,192 @@
+"""The one exception tree of flexworker.
+
+Every failure the package raises on purpose derives from :class:`FlexworkerError`;
+errors from libraries (aiohttp, pydantic, transit) are wrapped at the boundary with
+``raise X from exc`` so callers only ever catch ours::
+
+    FlexworkerError
+     ├── ConfigError                 a setting is missing or invalid
+     └── ApiError                    the Integration API could not be used
+          ├── TransportError         no usable HTTP answer (after retries)
+          │    ├── ApiConnectError   connection refused, reset or dropped
+          │    └── ApiTimeoutError   no answer in time
+          ├── DecodeError            an answer arrived but its body is unusable
+          │    └── ResourceError     a resource lacks a field we require
+          └── HTTPStatusError        a non-2xx answer (after retries where they apply)
+               ├── AuthError         401/403 that re-authenticating did not fix
+               ├── NotFoundError     404
+               ├── RateLimitedError  429
+               ├── ServerError       5xx
+               └── BadRequestError   any other 4xx (validation, conflicts, ...)
+
+``ApiError`` carries the request it belongs to (method, path, query parameters —
+never headers or bodies, which hold tokens and secrets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ApiConnectError",
+    "ApiError",
+    "ApiErrorDetail",
+    "ApiTimeoutError",
+    "AuthError",
+    "BadRequestError",
+    "ConfigError",
+    "DecodeError",
+    "FlexworkerError",
+    "HTTPStatusError",
+    "NotFoundError",
+    "RateLimitedError",
+    "RequestInfo",
+    "ResourceError",
+    "ServerError",
+    "TransportError",
+    "status_error",
+]
+
+
+class FlexworkerError(Exception):
+    """Root of every error flexworker raises."""
+
+
+class ConfigError(FlexworkerError):
+    """A setting is missing or invalid; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What a failed call asked for; safe to log (no headers, no bodies)."""
+
+    method: str
+    path: str
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if not self.params:
+            return f"{self.method} {self.path}"
+        query = "&".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.method} {self.path}?{query}"
+
+
+@dataclass(frozen=True)
+class ApiErrorDetail:
+    """One entry of the API's ``errors`` envelope."""
+
+    status: int
+    code: str
+    title: str
+    details: str | None = None
+    source_path: tuple[str, ...] = ()
+
+
+class ApiError(FlexworkerError):
+    """Base of every Integration API failure."""
+
+    def __init__(self, message: str, *, request: RequestInfo | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request = request
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        where = f" ({self.request})" if self.request else ""
+        tries = f" after {self.attempts} attempts" if self.attempts > 1 else ""
+        return f"{self.message}{where}{tries}"
+
+
+class TransportError(ApiError):
+    """No usable HTTP answer arrived."""
+
+
+class ApiConnectError(TransportError):
+    """The connection was refused, reset or dropped mid-answer."""
+
+
+class ApiTimeoutError(TransportError):
+    """The API did not answer within the configured timeout."""
+
+
+class DecodeError(ApiError):
+    """An answer arrived but its body could not be decoded or validated."""
+
+
+class ResourceError(DecodeError):
+    """A resource in an answer lacks a field the product requires."""
+
+
+class HTTPStatusError(ApiError):
+    """The API answered with a non-2xx status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        errors: Sequence[ApiErrorDetail] = (),
+        request: RequestInfo | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message, request=request, attempts=attempts)
+        self.status = status
+        self.errors = tuple(errors)
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return tuple(e.code for e in self.errors)
+
+    @property
+    def titles(self) -> tuple[str, ...]:
+        return tuple(e.title for e in self.errors)
+
+
+class AuthError(HTTPStatusError):
+    """Credentials were rejected even after re-authenticating."""
+
+
+class NotFoundError(HTTPStatusError):
+    """The resource does not exist."""
+
+
+class RateLimitedError(HTTPStatusError):
+    """Still rate limited after the retry budget ran out."""
+
+
+class ServerError(HTTPStatusError):
+    """The API failed (5xx) after the retry budget ran out."""
+
+
+class BadRequestError(HTTPStatusError):
+    """The API refused the request (4xx other than 401/403/404/429)."""
+
+
+def status_error(
+    status: int,
+    errors: Sequence[ApiErrorDetail],
+    *,
+    request: RequestInfo | None = None,
+    attempts: int = 1,
+) -> HTTPStatusError:
+    """Build the right :class:`HTTPStatusError` subclass for ``status``."""
+    cls: type[HTTPStatusError]
+    if status in (401, 403):
+        cls = AuthError
+    elif status == 404:
+        cls = NotFoundError
+    elif status == 429:
+        cls = RateLimitedError
+    elif status >= 500:
+        cls = ServerError
+    else:
+        cls = BadRequestError
+    summary = "; ".join(f"{e.code}: {e.title}" for e in errors) or "no error body"
+    return cls(
+        f"Integration API answered {status} ({summary})",
+        status=status,
+        errors=errors,
+        request=request,
+        attempts=attempts,
+    )

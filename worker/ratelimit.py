@@ -1,0 +1,109 @@
+"""Token buckets with the official Integration SDK's presets.
+
+The client takes a token before every request (queries and commands have separate
+buckets); the simulator uses the same buckets to answer 429 like a dev marketplace.
+Refill is continuous: a bucket started no later than another with the same spec
+never holds fewer tokens, so a client pacing itself with these buckets stays
+inside a server enforcing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+__all__ = [
+    "PRESETS",
+    "BucketSpec",
+    "RateLimitPreset",
+    "RateLimits",
+    "TokenBucket",
+    "preset",
+]
+
+RateLimitPreset = Literal["dev", "prod", "off"]
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    """``initial`` tokens at start, ``refill_amount`` more every ``refill_interval_s``, at most ``capacity``."""
+
+    initial: float
+    refill_amount: float
+    refill_interval_s: float
+    capacity: float
+
+    def scaled(self, time_factor: float) -> BucketSpec:
+        """The same bucket on a faster (< 1) or slower (> 1) clock; tests use this."""
+        return replace(self, refill_interval_s=self.refill_interval_s * time_factor)
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    queries: BucketSpec
+    commands: BucketSpec
+
+    def scaled(self, time_factor: float) -> RateLimits:
+        return RateLimits(self.queries.scaled(time_factor), self.commands.scaled(time_factor))
+
+
+PRESETS: dict[str, RateLimits] = {
+    "dev": RateLimits(
+        queries=BucketSpec(initial=100, refill_amount=1, refill_interval_s=1.0, capacity=200),
+        commands=BucketSpec(initial=50, refill_amount=1, refill_interval_s=2.0, capacity=100),
+    ),
+    "prod": RateLimits(
+        queries=BucketSpec(initial=500, refill_amount=2, refill_interval_s=0.25, capacity=500),
+        commands=BucketSpec(initial=250, refill_amount=1, refill_interval_s=0.25, capacity=250),
+    ),
+}
+
+
+def preset(name: RateLimitPreset) -> RateLimits | None:
+    """The named preset; ``None`` for ``off``."""
+    return None if name == "off" else PRESETS[name]
+
+
+class TokenBucket:
+    """A token bucket with continuous refill and FIFO waiting."""
+
+    def __init__(self, spec: BucketSpec, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spec = spec
+        self._clock = clock
+        self._tokens = spec.initial
+        self._updated_at_s = clock()
+        self._rate_per_s = spec.refill_amount / spec.refill_interval_s
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now_s = self._clock()
+        elapsed_s = max(0.0, now_s - self._updated_at_s)
+        self._tokens = min(self.spec.capacity, self._tokens + elapsed_s * self._rate_per_s)
+        self._updated_at_s = now_s
+
+    @property
+    def tokens(self) -> float:
+        self._refill()
+        return self._tokens
+
+    def try_take(self, amount: float = 1.0) -> float:
+        """Take ``amount`` tokens and return 0, or take nothing and return the wait in seconds."""
+        self._refill()
+        if self._tokens >= amount:
+            self._tokens -= amount
+            return 0.0
+        return (amount - self._tokens) / self._rate_per_s
+
+    async def take(
+        self,
+        amount: float = 1.0,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """Wait until ``amount`` tokens are available and take them; waiters are served in order."""
+        async with self._lock:
+            while (wait_s := self.try_take(amount)) > 0:
+                await sleep(wait_s)
