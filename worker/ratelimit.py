@@ -29,7 +29,7 @@ RateLimitPreset = Literal["dev", "prod", "off"]
 
 @dataclass(frozen=True)
 class BucketSpec:
-    """``initial`` tokens at start, ``refill_amount`` more every ``refill_interval_s``, at most ``capacity``."""
+    """``initial`` tokens, ``refill_amount`` more each ``refill_interval_s``, at most ``capacity``."""
 
     initial: float
     refill_amount: float
