@@ -270,7 +270,9 @@ def parse_one(model: type[R], raw: Any, included: Included) -> R:
 def _document(body: Any) -> tuple[Any, Included]:
     if not isinstance(body, dict) or "data" not in body:
         raise DecodeError("answer has no 'data' member")
-    included = body.get("included") or []
+    included = body.get("included")
+    if included is None:
+        included = []
     if not isinstance(included, list):
         raise DecodeError("answer's 'included' is not an array")
     return body["data"], Included(included)
@@ -302,11 +304,12 @@ def parse_error_details(body: Any) -> list[ApiErrorDetail]:
     for item in body["errors"]:
         if not isinstance(item, dict):
             continue
-        source = item.get("source") if isinstance(item.get("source"), dict) else {}
+        source = item.get("source")
         path = source.get("path") if isinstance(source, dict) else None
+        status = item.get("status")
         details.append(
             ApiErrorDetail(
-                status=int(item.get("status") or 0),
+                status=status if isinstance(status, int) else 0,
                 code=str(item.get("code") or "unknown"),
                 title=str(item.get("title") or ""),
                 details=str(item["details"]) if item.get("details") is not None else None,

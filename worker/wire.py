@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from transit.reader import Reader
-from transit.transit_types import Keyword, Symbol, TaggedValue
+from transit.transit_types import Boolean, Keyword, Symbol, TaggedValue
 from transit.writer import Writer
 
 __all__ = [
@@ -103,6 +103,9 @@ def _from_transit(value: Any) -> Any:
         return [_from_transit(v) for v in value]
     if isinstance(value, Keyword | Symbol):
         return str(value)
+    if isinstance(value, Boolean):
+        # transit-python's own booleans keep true apart from 1 in sets; we want plain bools.
+        return bool(value)
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, datetime):

@@ -1,0 +1,143 @@
+"""Settings, read from the environment, a ``.env`` file and a secrets directory.
+
+Precedence, highest first: keyword arguments, environment variables, ``.env`` in
+the working directory, files in the secrets directory (Kubernetes mounts each
+secret as a file named after the variable, e.g. ``/run/secrets/SHARETRIBE_CLIENT_SECRET``;
+the directory is ``$FLEXWORKER_SECRETS_DIR``, default ``/run/secrets``, used when it exists).
+
+The Sharetribe credentials and ``REDIS_URL`` use their customary names; every
+other variable is ``FLEXWORKER_`` + the field name in upper case. :func:`load_settings`
+turns any problem into a one-line :class:`~worker.errors.ConfigError` naming the
+variable, and never echoes a secret's value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+__all__ = ["DEFAULT_API_BASE_URL", "DEFAULT_SECRETS_DIR", "Settings", "load_settings"]
+
+DEFAULT_API_BASE_URL = "https://flex-integ-api.sharetribe.com"
+DEFAULT_SECRETS_DIR = "/run/secrets"
+
+
+def _env(name: str) -> Any:
+    """Field option binding a field to one customary, unprefixed variable name."""
+    return AliasChoices(name.lower(), name)
+
+
+class Settings(BaseSettings):
+    """Everything flexworker can be configured with (see README's table)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEXWORKER_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        case_sensitive=False,
+    )
+
+    sharetribe_client_id: str = Field(
+        validation_alias=_env("SHARETRIBE_CLIENT_ID"),
+        min_length=1,
+        description="Integration API application's client id.",
+    )
+    sharetribe_client_secret: SecretStr = Field(
+        validation_alias=_env("SHARETRIBE_CLIENT_SECRET"),
+        description="Integration API application's client secret.",
+    )
+    sharetribe_api_base_url: str = Field(
+        default=DEFAULT_API_BASE_URL,
+        validation_alias=_env("SHARETRIBE_API_BASE_URL"),
+        description="Integration API base URL; point it at `flexworker sim` for local runs.",
+    )
+    redis_url: str = Field(
+        default="redis://localhost:6379/0",
+        validation_alias=_env("REDIS_URL"),
+        repr=False,  # may carry a password
+        description="Redis holding the queue, cursors and idempotency records.",
+    )
+    rate_limit: Literal["dev", "prod", "off"] = Field(
+        default="dev",
+        description="Client-side rate-limit preset: the official SDK's dev or prod buckets, or off.",
+    )
+    api_format: Literal["json", "transit"] = Field(
+        default="json", description="Wire format asked of the API."
+    )
+    http_timeout_s: float = Field(default=30.0, gt=0, description="Whole-request timeout.")
+    http_connect_timeout_s: float = Field(default=10.0, gt=0, description="Connection timeout.")
+    http_max_connections: int = Field(
+        default=10, ge=1, le=10, description="Concurrent connections to the API (Sharetribe allows 10)."
+    )
+    api_retry_max_attempts: int = Field(default=6, ge=1, description="Attempts per API call, first included.")
+    api_retry_base_s: float = Field(default=0.5, gt=0, description="First backoff step.")
+    api_retry_cap_s: float = Field(default=30.0, gt=0, description="Longest single backoff.")
+    api_retry_max_total_s: float = Field(
+        default=120.0, gt=0, description="Time budget for one call's retries."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
+
+    @field_validator("sharetribe_api_base_url", mode="after")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) == 0:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("redis_url", mode="after")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+def _variable_name(loc: str) -> str:
+    """The environment variable behind an error location (a field name or an alias)."""
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            if loc == name or loc in alias.choices:
+                return str(alias.choices[-1])
+        elif loc == name:
+            return "FLEXWORKER_" + name.upper()
+    return loc
+
+
+def load_settings(
+    *,
+    env_file: str | Path | None = ".env",
+    secrets_dir: str | Path | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Read the settings or raise :class:`ConfigError` with one line naming the culprit."""
+    if secrets_dir is None:
+        secrets_dir = os.environ.get("FLEXWORKER_SECRETS_DIR", DEFAULT_SECRETS_DIR)
+    secrets = secrets_dir if Path(secrets_dir).is_dir() else None
+    try:
+        return Settings(_env_file=env_file, _secrets_dir=secrets, **overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = _variable_name(str(first["loc"][0])) if first["loc"] else "settings"
+        if first["type"] == "missing":
+            problem = "is required but not set"
+        else:
+            # The message of a pydantic error never contains the value; keep it that way.
+            msg = str(first["msg"]).removeprefix("Value error, ")
+            problem = f"is invalid: {msg[:1].lower()}{msg[1:]}"
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise ConfigError(f"setting {name} {problem}{suffix}") from None
