@@ -1,0 +1,691 @@
+"""Asyncio client for the Sharetribe Integration API, on one shared aiohttp session.
+
+Every call goes ``{base}/v1/integration_api/{resource}/{action}``: GETs are queries,
+POSTs are commands. Before *every* attempt a call takes a token from the matching
+client-side bucket (:mod:`worker.ratelimit`), so retries are paced like first tries,
+then a bearer token from :class:`~worker.auth.TokenManager`.
+
+Retry decisions (transient failures, paced by :class:`~worker.backoff.Backoff` with
+full jitter; ``Retry-After`` is honoured as a minimum wait):
+
+- **Queries** are safe to repeat, so they retry 408, 429, 500, 502, 503 and 504,
+  every connection failure (refused, reset, dropped, truncated body), every timeout,
+  and a 2xx whose body cannot be decoded: a body cut short without framing (no
+  length, connection closed) looks exactly like malformed JSON.
+- **Commands** may already have taken effect, so they retry only when the server
+  surely or most probably did not act: 408, 429, 502, 503, 504 and failures to
+  connect at all. A 500, a dropped connection, a read timeout or an undecodable 2xx
+  is raised at once. (A repeated Flex transition that did land the first time comes
+  back as 409 ``transaction-invalid-transition``; a repeated metadata update writes
+  the same values.)
+- **401** is not a transient failure: the token manager refreshes the token once,
+  then re-authenticates once, and a third 401 raises :class:`~worker.errors.AuthError`.
+- Everything else (400, 402, 403, 404, 409, ...) raises at once.
+- A 2xx whose resources lack required fields raises :class:`~worker.errors.ResourceError`
+  without retrying: the same data would come back.
+
+``Backoff.max_attempts`` caps the attempts that failed transiently; the ``attempts``
+on an error counts every request sent, 401 recoveries included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Literal, Protocol, Self, TypedDict, TypeVar, Unpack, overload
+from uuid import UUID
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from pydantic import SecretStr
+
+from worker import wire
+from worker.auth import Grant, TokenManager
+from worker.backoff import Backoff, parse_retry_after
+from worker.errors import (
+    ApiConnectError,
+    ApiError,
+    ApiErrorDetail,
+    ApiTimeoutError,
+    AuthError,
+    ConfigError,
+    DecodeError,
+    RequestInfo,
+    TransportError,
+    status_error,
+)
+from worker.models import (
+    Event,
+    Listing,
+    Marketplace,
+    Page,
+    Resource,
+    ResourceRef,
+    Transaction,
+    User,
+    parse_document,
+    parse_error_details,
+    parse_page,
+)
+from worker.ratelimit import RateLimits, TokenBucket, preset
+
+__all__ = [
+    "API_PREFIX",
+    "DEFAULT_BASE_URL",
+    "MAX_CONNECTIONS",
+    "ClientSettings",
+    "IntegrationClient",
+    "TransactionFilters",
+    "encode_params",
+]
+
+DEFAULT_BASE_URL = "https://flex-integ-api.sharetribe.com"
+API_PREFIX = "/v1/integration_api/"
+#: Sharetribe's SDKs never open more than this many connections per client.
+MAX_CONNECTIONS = 10
+
+_RETRY_ALWAYS = frozenset({408, 429, 502, 503, 504})
+_RETRY_QUERIES = _RETRY_ALWAYS | {500}
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=Resource)
+Id = UUID | str
+Names = str | Sequence[str]
+FieldSets = Mapping[str, Sequence[str]]
+
+
+class ClientSettings(Protocol):
+    """The settings :meth:`IntegrationClient.from_settings` reads (read-only view)."""
+
+    @property
+    def sharetribe_client_id(self) -> str: ...
+    @property
+    def sharetribe_client_secret(self) -> SecretStr: ...
+    @property
+    def sharetribe_api_base_url(self) -> str: ...
+    @property
+    def rate_limit(self) -> Literal["dev", "prod", "off"]: ...
+    @property
+    def http_timeout_s(self) -> float: ...
+    @property
+    def http_connect_timeout_s(self) -> float: ...
+    @property
+    def http_max_connections(self) -> int: ...
+    @property
+    def api_retry_max_attempts(self) -> int: ...
+    @property
+    def api_retry_base_s(self) -> float: ...
+    @property
+    def api_retry_cap_s(self) -> float: ...
+    @property
+    def api_retry_max_total_s(self) -> float: ...
+    @property
+    def api_format(self) -> Literal["json", "transit"]: ...
+
+
+class TransactionFilters(TypedDict, total=False):
+    """Filters and shaping of ``transactions/query``.
+
+    ``sort`` keys follow Sharetribe's convention: a bare key sorts newest first, a
+    ``-`` prefix oldest first (``"lastTransitionedAt"`` = most recently transitioned).
+    """
+
+    created_at_start: datetime
+    created_at_end: datetime
+    customer_id: Id
+    provider_id: Id
+    listing_id: Id
+    last_transitions: Names
+    process_names: Names
+    states: Names
+    booking_start: datetime
+    booking_end: datetime
+    has_booking: bool
+    has_payin: bool
+    has_message: bool
+    sort: Names
+    include: Names
+    fields: FieldSets
+
+
+_TRANSACTION_FILTER_NAMES: Mapping[str, str] = {
+    "created_at_start": "createdAtStart",
+    "created_at_end": "createdAtEnd",
+    "customer_id": "customerId",
+    "provider_id": "providerId",
+    "listing_id": "listingId",
+    "last_transitions": "lastTransitions",
+    "process_names": "processNames",
+    "states": "states",
+    "booking_start": "bookingStart",
+    "booking_end": "bookingEnd",
+    "has_booking": "hasBooking",
+    "has_payin": "hasPayin",
+    "has_message": "hasMessage",
+    "sort": "sort",
+}
+
+
+def _encode_value(value: object) -> str | None:
+    # bool before int: bool is an int, and the API wants "true", not "True" or "1".
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, datetime):
+        return wire.format_time(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_encode_value(v) for v in value if v is not None]
+        # Sets have no order; sorting keeps URLs (and caches, logs, tests) stable.
+        parts = [p for p in items if p is not None]
+        return ",".join(sorted(parts) if isinstance(value, set | frozenset) else parts)
+    raise TypeError(f"cannot encode {type(value).__name__} as a query parameter")
+
+
+def encode_params(params: Mapping[str, object]) -> dict[str, str]:
+    """Query parameters as the API reads them.
+
+    Sequences are comma-joined, datetimes ISO 8601 UTC with milliseconds, UUIDs as
+    strings, booleans ``true``/``false``; ``None`` values are left out.
+    """
+    out: dict[str, str] = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        encoded = _encode_value(value)
+        if encoded is not None:
+            out[name] = encoded
+    return out
+
+
+def _shape(include: Names | None, fields: FieldSets | None) -> dict[str, object]:
+    params: dict[str, object] = {"include": include}
+    for resource_type, names in (fields or {}).items():
+        params[f"fields.{resource_type}"] = names
+    return params
+
+
+@dataclass(frozen=True)
+class _Answer:
+    body: Any
+    request: RequestInfo
+    attempts: int
+
+
+@dataclass
+class _Failure:
+    """A failed attempt: what to raise if we stop, and whether we may go on."""
+
+    error: ApiError
+    retryable: bool
+    retry_after_s: float | None = None
+
+
+class IntegrationClient:
+    """Calls the Integration API with auth, client-side rate limiting and retries.
+
+    Use as ``async with IntegrationClient(...) as client:`` or call :meth:`aclose`.
+    ``session`` is used as given (and left open) if passed; otherwise one is created
+    on first use with ``TCPConnector(limit=max_connections)`` and closed by
+    :meth:`aclose`. ``rate_limits=None`` disables client-side pacing. ``clock`` is a
+    monotonic clock in seconds, ``wall_clock`` Unix time (for ``Retry-After`` dates
+    when the answer has no ``Date``), ``sleep`` and ``rng`` drive every wait.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        client_secret: SecretStr | str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        rate_limits: RateLimits | None = None,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
+        backoff: Backoff | None = None,
+        session: aiohttp.ClientSession | None = None,
+        accept: str = wire.JSON_MIME,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not client_id:
+            raise ConfigError("client_id is empty")
+        if not 1 <= max_connections <= MAX_CONNECTIONS:
+            raise ConfigError(f"max_connections must be 1..{MAX_CONNECTIONS}, got {max_connections}")
+        if not (timeout_s > 0 and connect_timeout_s > 0):
+            raise ConfigError("timeout_s and connect_timeout_s must be positive")
+        if accept not in (wire.JSON_MIME, wire.TRANSIT_MIME):
+            raise ConfigError(f"accept must be {wire.JSON_MIME} or {wire.TRANSIT_MIME}, got {accept!r}")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must be an http(s) URL, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.accept = accept
+        self.backoff = backoff or Backoff()
+        self._max_connections = max_connections
+        # total bounds one attempt end to end; sock_connect keeps a dead host from eating all of it.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        self._session = session
+        self._owns_session = session is None
+        self._closed = False
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._queries = TokenBucket(rate_limits.queries, clock=clock) if rate_limits else None
+        self._commands = TokenBucket(rate_limits.commands, clock=clock) if rate_limits else None
+        self.tokens = TokenManager(
+            client_id=client_id,
+            client_secret=client_secret,
+            base_url=self.base_url,
+            session=self._get_session,
+            timeout=self._timeout,
+            backoff=self.backoff,
+            clock=clock,
+            sleep=sleep,
+            rng=self._rng,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: ClientSettings, **overrides: Any) -> Self:
+        """A client configured from settings; keyword ``overrides`` win (tests inject clocks)."""
+        kwargs: dict[str, Any] = {
+            "client_id": settings.sharetribe_client_id,
+            "client_secret": settings.sharetribe_client_secret,
+            "base_url": settings.sharetribe_api_base_url,
+            "rate_limits": preset(settings.rate_limit),
+            "timeout_s": settings.http_timeout_s,
+            "connect_timeout_s": settings.http_connect_timeout_s,
+            "max_connections": settings.http_max_connections,
+            "backoff": Backoff(
+                base_s=settings.api_retry_base_s,
+                cap_s=settings.api_retry_cap_s,
+                max_attempts=settings.api_retry_max_attempts,
+                max_total_s=settings.api_retry_max_total_s,
+            ),
+            "accept": wire.TRANSIT_MIME if settings.api_format == "transit" else wire.JSON_MIME,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"IntegrationClient(base_url={self.base_url!r}, client_id={self.tokens.client_id!r})"
+
+    async def __aenter__(self) -> Self:
+        self._get_session()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session if this client created it; the client is unusable afterwards."""
+        self._closed = True
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("IntegrationClient is closed")
+        if self._session is None:
+            # Created lazily: aiohttp sessions belong to the loop they are created in.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._max_connections))
+        return self._session
+
+    # -- low level -----------------------------------------------------------------
+
+    async def get(self, path: str, params: Mapping[str, object] | None = None) -> Any:
+        """Run query ``path`` (``"resource/action"``); return the body in JSON form."""
+        return (await self._call("GET", path, params, None)).body
+
+    async def post(
+        self, path: str, body: Mapping[str, Any], params: Mapping[str, object] | None = None
+    ) -> Any:
+        """Run command ``path`` with ``body``; return the answer in JSON form."""
+        return (await self._call("POST", path, params, body)).body
+
+    # -- typed calls ---------------------------------------------------------------
+
+    async def marketplace_show(self) -> Marketplace:
+        """The marketplace this client is authorised for."""
+        return self._one(Marketplace, await self._call("GET", "marketplace/show", None, None))
+
+    async def users_show(
+        self, id: Id, *, include: Names | None = None, fields: FieldSets | None = None
+    ) -> User:
+        """One user, with ``email`` and full profile data."""
+        params = {"id": id, **_shape(include, fields)}
+        return self._one(User, await self._call("GET", "users/show", params, None))
+
+    async def listings_show(
+        self, id: Id, *, include: Names | None = None, fields: FieldSets | None = None
+    ) -> Listing:
+        """One listing."""
+        params = {"id": id, **_shape(include, fields)}
+        return self._one(Listing, await self._call("GET", "listings/show", params, None))
+
+    async def transactions_show(
+        self, id: Id, *, include: Names | None = None, fields: FieldSets | None = None
+    ) -> Transaction:
+        """One transaction; ``include=("customer", "provider", "listing")`` resolves them."""
+        params = {"id": id, **_shape(include, fields)}
+        return self._one(Transaction, await self._call("GET", "transactions/show", params, None))
+
+    async def transactions_query(
+        self,
+        *,
+        page: int | None = None,
+        per_page: int | None = None,
+        **filters: Unpack[TransactionFilters],
+    ) -> Page[Transaction]:
+        """One page of transactions matching ``filters`` (see :class:`TransactionFilters`)."""
+        params = self._transaction_params(filters)
+        params.update(page=page, perPage=per_page)
+        answer = await self._call("GET", "transactions/query", params, None)
+        return self._page(Transaction, answer)
+
+    async def iter_transactions(
+        self, *, per_page: int = 100, **filters: Unpack[TransactionFilters]
+    ) -> AsyncIterator[Transaction]:
+        """Every transaction matching ``filters``, page after page.
+
+        Stops after a short page or at ``totalPages``. Deep paging is capped by the
+        API (reportedly 10,000 items), and pages shift while transactions change:
+        narrow the window with ``created_at_*`` rather than paging far.
+        """
+        page = 1
+        while True:
+            result = await self.transactions_query(page=page, per_page=per_page, **filters)
+            for transaction in result.data:
+                yield transaction
+            total_pages = result.meta.total_pages
+            # The server's page size wins: a server that caps perPage must not end the walk early.
+            page_size = result.meta.per_page or per_page
+            if len(result.data) < page_size or (total_pages is not None and page >= total_pages):
+                return
+            page += 1
+
+    async def events_query(
+        self,
+        *,
+        start_after_sequence_id: int | None = None,
+        created_at_start: datetime | None = None,
+        event_types: Names | None = None,
+        resource_id: Id | None = None,
+        related_resource_id: Id | None = None,
+        per_page: int | None = None,
+    ) -> Page[Event]:
+        """Events in ascending ``sequenceId`` order; a full page means more are waiting."""
+        params = {
+            "startAfterSequenceId": start_after_sequence_id,
+            "createdAtStart": created_at_start,
+            "eventTypes": event_types,
+            "resourceId": resource_id,
+            "relatedResourceId": related_resource_id,
+            "perPage": per_page,
+        }
+        return self._page(Event, await self._call("GET", "events/query", params, None))
+
+    @overload
+    async def transactions_transition(
+        self,
+        id: Id,
+        transition: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        expand: Literal[True] = True,
+    ) -> Transaction: ...
+    @overload
+    async def transactions_transition(
+        self, id: Id, transition: str, params: Mapping[str, Any] | None = None, *, expand: Literal[False]
+    ) -> ResourceRef: ...
+    async def transactions_transition(
+        self, id: Id, transition: str, params: Mapping[str, Any] | None = None, *, expand: bool = True
+    ) -> Transaction | ResourceRef:
+        """Run an operator ``transition``; the expanded transaction, or only its reference."""
+        body = {"id": _uuid(id), "transition": transition, "params": dict(params or {})}
+        answer = await self._call("POST", "transactions/transition", {"expand": expand}, body)
+        return self._one(Transaction, answer) if expand else self._ref(answer)
+
+    @overload
+    async def transactions_update_metadata(
+        self, id: Id, metadata: Mapping[str, Any], *, expand: Literal[True] = True
+    ) -> Transaction: ...
+    @overload
+    async def transactions_update_metadata(
+        self, id: Id, metadata: Mapping[str, Any], *, expand: Literal[False]
+    ) -> ResourceRef: ...
+    async def transactions_update_metadata(
+        self, id: Id, metadata: Mapping[str, Any], *, expand: bool = True
+    ) -> Transaction | ResourceRef:
+        """Merge ``metadata`` into the transaction's metadata (emits ``transaction/updated``)."""
+        body = {"id": _uuid(id), "metadata": dict(metadata)}
+        answer = await self._call("POST", "transactions/update_metadata", {"expand": expand}, body)
+        return self._one(Transaction, answer) if expand else self._ref(answer)
+
+    # -- parsing -------------------------------------------------------------------
+
+    @staticmethod
+    def _transaction_params(filters: TransactionFilters) -> dict[str, object]:
+        params: dict[str, object] = {}
+        for name, value in filters.items():
+            wire_name = _TRANSACTION_FILTER_NAMES.get(name)
+            if wire_name is not None:
+                params[wire_name] = value
+        include = filters.get("include")
+        fields = filters.get("fields")
+        params.update(_shape(include, fields))
+        return params
+
+    @staticmethod
+    def _one(model: type[R], answer: _Answer) -> R:
+        try:
+            return parse_document(model, answer.body)
+        except DecodeError as exc:
+            raise type(exc)(exc.message, request=answer.request, attempts=answer.attempts) from exc
+
+    @staticmethod
+    def _page(model: type[R], answer: _Answer) -> Page[R]:
+        try:
+            return parse_page(model, answer.body)
+        except DecodeError as exc:
+            raise type(exc)(exc.message, request=answer.request, attempts=answer.attempts) from exc
+
+    @staticmethod
+    def _ref(answer: _Answer) -> ResourceRef:
+        body = answer.body
+        data = body.get("data") if isinstance(body, dict) else None
+        try:
+            return ResourceRef.model_validate(data)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            message = "answer's 'data' is not a resource reference"
+            raise DecodeError(message, request=answer.request, attempts=answer.attempts) from exc
+
+    # -- the request loop ----------------------------------------------------------
+
+    async def _call(
+        self,
+        method: Literal["GET", "POST"],
+        path: str,
+        params: Mapping[str, object] | None,
+        body: Mapping[str, Any] | None,
+    ) -> _Answer:
+        query = encode_params(params or {})
+        request = RequestInfo(method, API_PREFIX + path.strip("/"), query)
+        is_query = method == "GET"
+        bucket = self._queries if is_query else self._commands
+        payload = wire.encode(body, self.accept) if body is not None else None
+        tried: set[Grant] = set()
+        attempts = 0
+        failures = 0
+        started_s: float | None = None
+        while True:
+            if bucket is not None:
+                await bucket.take(sleep=self._sleep)
+            token = await self.tokens.access_token()
+            if started_s is None:
+                # The retry budget starts with the first request, not with waiting for the bucket.
+                started_s = self._clock()
+            attempts += 1
+            outcome = await self._attempt(request, token, payload, attempts)
+            if isinstance(outcome, _Answer):
+                return outcome
+            if isinstance(outcome.error, AuthError) and outcome.error.status == 401:
+                if await self.tokens.recover(token, tried) is not None:
+                    logger.info("%s: access token rejected; retrying with a new one", request)
+                    continue
+                raise AuthError(
+                    "Integration API still answers 401 after refreshing the token and re-authenticating "
+                    f"({_codes(outcome.error)})",
+                    status=401,
+                    errors=outcome.error.errors,
+                    request=request,
+                    attempts=attempts,
+                )
+            failures += 1
+            delay_s = None
+            if outcome.retryable:
+                delay_s = self.backoff.next_delay_s(
+                    failures, self._clock() - started_s, self._rng, retry_after_s=outcome.retry_after_s
+                )
+            if delay_s is None:
+                outcome.error.attempts = attempts
+                raise outcome.error
+            reason = outcome.error.message
+            logger.warning("%s: attempt %d failed (%s); retry in %.2fs", request, attempts, reason, delay_s)
+            await self._sleep(delay_s)
+
+    async def _attempt(
+        self, request: RequestInfo, token: str, payload: bytes | None, attempts: int
+    ) -> _Answer | _Failure:
+        is_query = request.method == "GET"
+        headers = {
+            "Accept": self.accept,
+            "Authorization": f"bearer {token}",
+            "User-Agent": "flexworker",
+        }
+        if payload is not None:
+            headers["Content-Type"] = self.accept
+        try:
+            async with self._get_session().request(
+                request.method,
+                self.base_url + request.path,
+                params=dict(request.params),
+                data=payload,
+                headers=headers,
+                timeout=self._timeout,
+            ) as resp:
+                status = resp.status
+                body = await resp.read()
+                resp_headers = resp.headers
+        except aiohttp.ConnectionTimeoutError as exc:
+            # Never connected, so nothing was sent: safe to retry even a command.
+            message = "timed out connecting to the Integration API"
+            error: TransportError = ApiTimeoutError(message, request=request)
+            return self._transport_failure(error, exc, retryable=True)
+        except aiohttp.ClientConnectorError as exc:
+            message = f"cannot connect to the Integration API ({exc.os_error})"
+            error = ApiConnectError(message, request=request)
+            return self._transport_failure(error, exc, retryable=True)
+        except TimeoutError as exc:
+            error = ApiTimeoutError("the Integration API did not answer in time", request=request)
+            return self._transport_failure(error, exc, retryable=is_query)
+        except aiohttp.ClientPayloadError as exc:
+            error = ApiConnectError("the Integration API's answer was cut short", request=request)
+            return self._transport_failure(error, exc, retryable=is_query)
+        except aiohttp.InvalidURL as exc:
+            error = ApiConnectError(f"invalid Integration API URL ({exc})", request=request)
+            return self._transport_failure(error, exc, retryable=False)
+        except aiohttp.ClientError as exc:
+            error = ApiConnectError(
+                f"connection to the Integration API failed ({type(exc).__name__})", request=request
+            )
+            return self._transport_failure(error, exc, retryable=is_query)
+
+        content_type = resp_headers.get("Content-Type", "")
+        if 200 <= status < 300:
+            mime = _mime_of(content_type, self.accept)
+            try:
+                return _Answer(wire.decode(body, mime), request, attempts)
+            except wire.WireFormatError as exc:
+                error_ = DecodeError(
+                    f"Integration API answered {status} with a body that is not valid {mime} "
+                    f"(Content-Type {content_type or 'missing'!r}, {len(body)} bytes): {exc}",
+                    request=request,
+                )
+                error_.__cause__ = exc
+                return _Failure(error_, retryable=is_query)
+
+        details: list[ApiErrorDetail] = []
+        # 5xx bodies are not guaranteed to be valid; the status says enough then.
+        with contextlib.suppress(wire.WireFormatError, ValueError, TypeError):
+            details = parse_error_details(wire.decode(body, _mime_of(content_type, self.accept)))
+        status_exc = status_error(status, details, request=request)
+        retryable = status in (_RETRY_QUERIES if is_query else _RETRY_ALWAYS)
+        retry_after_s = self._retry_after_s(resp_headers) if retryable else None
+        return _Failure(status_exc, retryable=retryable, retry_after_s=retry_after_s)
+
+    @staticmethod
+    def _transport_failure(error: TransportError, exc: BaseException, *, retryable: bool) -> _Failure:
+        # The failure may be raised much later, from the retry loop; keep the library error as its cause.
+        error.__cause__ = exc
+        return _Failure(error, retryable=retryable)
+
+    def _retry_after_s(self, headers: CIMultiDictProxy[str]) -> float | None:
+        value = headers.get("Retry-After")
+        if value is None:
+            return None
+        now_s = self._wall_clock()
+        server_date = headers.get("Date")
+        if server_date:
+            # The server's own clock makes an HTTP-date Retry-After immune to our clock skew.
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                at = parsedate_to_datetime(server_date)
+                now_s = (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+        return parse_retry_after(value, now_s=now_s)
+
+
+def _mime_of(content_type: str, fallback: str) -> str:
+    lowered = content_type.lower()
+    if "transit" in lowered:
+        return wire.TRANSIT_MIME
+    if "json" in lowered:
+        return wire.JSON_MIME
+    return fallback
+
+
+def _uuid(value: Id) -> Id:
+    # A real UUID lets the Transit writer tag it (~u), as Flex expects in command bodies.
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _codes(error: ApiError) -> str:
+    codes = getattr(error, "codes", ())
+    return ", ".join(codes) or "no error code"
