@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 
 from worker import __version__
 from worker.errors import ConfigError, FlexworkerError
+from worker.wire import parse_time
 
 __all__ = ["build_parser", "main"]
 
@@ -75,7 +78,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the settings and the credentials against the Integration API",
         description="Load the settings, authenticate, and show the marketplace.",
     )
+
+    poll = commands.add_parser("poll", help="poll the Integration API and queue every transition")
+    _source_options(poll)
+    poll.add_argument("--once", action="store_true", help="run one complete cycle and exit")
+    commands.add_parser("work", help="run the worker: hand queued events to the enabled handlers")
+    run = commands.add_parser("run", help="run the poller and the worker in one process")
+    _source_options(run)
+    commands.add_parser("status", help="show cursors and their lag, queue depth, jobs and failures")
+
+    cursor = commands.add_parser("cursor", help="inspect or rewind the poll cursors")
+    cursor_commands = cursor.add_subparsers(dest="cursor_command", required=True, metavar="ACTION")
+    cursor_commands.add_parser("show", help="show both sources' cursors")
+    cursor_set = cursor_commands.add_parser("set", help="set a source's cursor")
+    cursor_set.add_argument("--source", choices=("transactions", "events"), required=True)
+    target = cursor_set.add_mutually_exclusive_group(required=True)
+    target.add_argument("--at", type=_instant, help="transactions: the new watermark (ISO 8601)")
+    target.add_argument("--sequence-id", type=int, help="events: the last sequence id handled")
+    target.add_argument("--clear", action="store_true", help="forget the cursor (next start uses --since)")
     return parser
+
+
+def _instant(text: str) -> datetime:
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+
+
+def _source_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source", choices=("transactions", "events"), help="where to read transitions (default: setting)"
+    )
+    parser.add_argument(
+        "--since", type=_instant, help="start here (ISO 8601) when the source has no cursor (default: now)"
+    )
 
 
 async def _run_sim(args: argparse.Namespace) -> None:
@@ -110,6 +147,77 @@ async def _run_check() -> None:
     print(f"ok: marketplace {name} ({marketplace.id}) at {settings.sharetribe_api_base_url}")
 
 
+async def _until_signalled(body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``body(stop)``; SIGINT/SIGTERM set ``stop`` so it can finish cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await body(stop)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def _run_service(args: argparse.Namespace) -> None:
+    from worker.logs import setup_logging
+    from worker.registry import load_handlers
+    from worker.service import run_poller, run_worker
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    if args.command == "poll":
+        await _until_signalled(
+            lambda stop: run_poller(settings, stop, once=args.once, source=args.source, since=args.since)
+        )
+    elif args.command == "work":
+        handlers = load_handlers(settings)
+        await _until_signalled(lambda stop: run_worker(settings, stop, handlers=handlers))
+    else:
+        handlers = load_handlers(settings)
+
+        async def both(stop: asyncio.Event) -> None:
+            await asyncio.gather(
+                run_poller(settings, stop, source=args.source, since=args.since),
+                run_worker(settings, stop, handlers=handlers),
+            )
+
+        await _until_signalled(both)
+
+
+async def _run_inspect(args: argparse.Namespace) -> None:
+    from worker.cursor import CursorStore
+    from worker.events import to_ms
+    from worker.service import open_redis
+    from worker.settings import load_settings
+    from worker.sources.transactions import from_ms
+    from worker.status import read_status
+
+    settings = load_settings()
+    async with open_redis(settings) as redis_pool:
+        if args.command == "status":
+            print("\n".join((await read_status(settings, redis_pool)).lines()))
+            return
+        cursors = CursorStore(redis_pool, settings.redis_prefix)
+        if args.cursor_command == "set":
+            if args.clear:
+                await cursors.delete(args.source)
+            elif args.source == "transactions":
+                if args.at is None:
+                    raise ConfigError("cursor set --source transactions needs --at")
+                await cursors.set("transactions", to_ms(args.at))
+            else:
+                if args.sequence_id is None:
+                    raise ConfigError("cursor set --source events needs --sequence-id")
+                await cursors.set("events", args.sequence_id)
+        watermark = await cursors.get("transactions")
+        sequence_id = await cursors.get("events")
+        print(f"transactions: {'none' if watermark is None else from_ms(watermark).isoformat()}")
+        print(f"events:       {'none' if sequence_id is None else sequence_id}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
     args = build_parser().parse_args(argv)
@@ -118,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_run_sim(args))
         elif args.command == "check":
             asyncio.run(_run_check())
+        elif args.command in ("poll", "work", "run"):
+            asyncio.run(_run_service(args))
+        elif args.command in ("status", "cursor"):
+            asyncio.run(_run_inspect(args))
     except ConfigError as exc:
         print(f"flexworker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -6,6 +6,7 @@ errors from libraries (aiohttp, pydantic, transit) are wrapped at the boundary w
 
     FlexworkerError
      ├── ConfigError                 a setting is missing or invalid
+     ├── StoreError                  Redis failed (queue, cursors, lease, records)
      └── ApiError                    the Integration API could not be used
           ├── TransportError         no usable HTTP answer (after retries)
           │    ├── ApiConnectError   connection refused, reset or dropped
@@ -44,6 +45,7 @@ __all__ = [
     "RequestInfo",
     "ResourceError",
     "ServerError",
+    "StoreError",
     "TransportError",
     "status_error",
 ]
@@ -55,6 +57,10 @@ class FlexworkerError(Exception):
 
 class ConfigError(FlexworkerError):
     """A setting is missing or invalid; the message is one line naming it."""
+
+
+class StoreError(FlexworkerError):
+    """Redis (queue, cursors, lease, records) failed or could not be reached."""
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.errors import ConfigError
 
@@ -85,6 +85,35 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
 
+    # Poller, queue and worker.
+    namespace: str = Field(
+        default="default",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Names this marketplace's keys in Redis; one poller runs per namespace.",
+    )
+    source: Literal["transactions", "events"] = Field(
+        default="transactions", description="Where the poller reads transitions from."
+    )
+    lookback_s: float = Field(
+        default=5.0, gt=0, le=3600, description="Transactions source: re-read this far behind the watermark."
+    )
+    idle_interval_s: float = Field(default=10.0, gt=0, description="Pause between polls when caught up.")
+    seen_retention_s: float = Field(
+        default=7 * 86400, gt=0, description="How long the queue remembers an enqueued event key."
+    )
+    lease_ttl_s: float = Field(default=30.0, gt=0, description="Poller lease lifetime; renewed at a third.")
+    include: Annotated[list[Literal["customer", "provider", "listing"]], NoDecode] = Field(
+        default_factory=list, description="Related resources to snapshot into each event (comma-separated)."
+    )
+    handlers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["log"], description="Enabled handlers, comma-separated."
+    )
+    jsonl_path: str = Field(
+        default="flexworker-events.jsonl", description="File the `jsonl` handler appends events to."
+    )
+    worker_max_jobs: int = Field(default=10, ge=1, description="Jobs one worker runs at once.")
+    job_timeout_s: float = Field(default=300.0, gt=0, description="Longest a job may run.")
+
     @field_validator("sharetribe_api_base_url", mode="after")
     @classmethod
     def _check_url(cls, value: str) -> str:
@@ -98,6 +127,22 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    @field_validator("include", "handlers", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def redis_prefix(self) -> str:
+        """Prefix of every Redis key of this namespace."""
+        return f"flexworker:{self.namespace}"
+
+    @property
+    def queue_name(self) -> str:
+        return f"{self.redis_prefix}:queue"
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,0 +1,124 @@
+"""Wiring: builds the poller and the worker from settings, and runs them.
+
+The command line, the demo and the end-to-end tests all start flexworker through
+these functions, so what is tested is what runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import redis
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from worker.client import IntegrationClient
+from worker.cursor import CursorStore
+from worker.errors import StoreError
+from worker.events import SourceName
+from worker.lease import Lease
+from worker.poller import Poller
+from worker.queue import EventQueue
+from worker.registry import Handler, load_handlers
+from worker.runner import build_worker
+from worker.settings import Settings
+from worker.sources import Source
+from worker.sources.events import EventsSource
+from worker.sources.transactions import TransactionsSource
+
+__all__ = ["build_poller", "open_redis", "poller_lease", "run_poller", "run_worker"]
+
+
+@contextlib.asynccontextmanager
+async def open_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
+    """A connection pool to ``REDIS_URL``; a one-line :class:`StoreError` if unreachable."""
+    try:
+        pool = await create_pool(
+            RedisSettings.from_dsn(settings.redis_url),
+            default_queue_name=settings.queue_name,
+            retry=0,
+        )
+    except (redis.RedisError, OSError) as exc:
+        raise StoreError(f"cannot connect to Redis at REDIS_URL: {exc}") from exc
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
+
+
+def poller_lease(settings: Settings, redis_pool: ArqRedis) -> Lease:
+    return Lease(redis_pool, f"{settings.redis_prefix}:lease:poller", ttl_s=settings.lease_ttl_s)
+
+
+def build_poller(
+    settings: Settings,
+    client: IntegrationClient,
+    redis_pool: ArqRedis,
+    *,
+    source: SourceName | None = None,
+    since: datetime | None = None,
+) -> Poller:
+    """A poller for ``source`` (default: the setting), starting at ``since`` when no cursor exists."""
+    chosen: Source
+    if (source or settings.source) == "events":
+        chosen = EventsSource(client, start_at=since)
+    else:
+        chosen = TransactionsSource(
+            client, lookback_s=settings.lookback_s, start_at=since, include=settings.include
+        )
+    queue = EventQueue(
+        redis_pool,
+        prefix=settings.redis_prefix,
+        queue_name=settings.queue_name,
+        seen_retention_s=settings.seen_retention_s,
+    )
+    return Poller(
+        chosen,
+        queue,
+        CursorStore(redis_pool, settings.redis_prefix),
+        poller_lease(settings, redis_pool),
+        idle_interval_s=settings.idle_interval_s,
+    )
+
+
+async def run_poller(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    once: bool = False,
+    source: SourceName | None = None,
+    since: datetime | None = None,
+) -> None:
+    """Poll until ``stop`` is set, or run one cycle when ``once``."""
+    async with open_redis(settings) as redis_pool, IntegrationClient.from_settings(settings) as client:
+        poller = build_poller(settings, client, redis_pool, source=source, since=since)
+        if once:
+            await poller.run_once()
+        else:
+            await poller.run(stop)
+
+
+async def run_worker(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    handlers: list[Handler] | None = None,
+) -> None:
+    """Run the arq worker until ``stop`` is set."""
+    handlers = handlers if handlers is not None else load_handlers(settings)
+    async with open_redis(settings) as redis_pool:
+        worker = build_worker(settings, redis_pool, handlers)
+        task = asyncio.create_task(worker.async_run())
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await worker.close()
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise StoreError(f"worker stopped: {task.exception()}")

@@ -1,0 +1,180 @@
+"""The transactions source: ``transactions/query`` newest first, from a watermark.
+
+Each cycle pages ``transactions/query?sort=lastTransitionedAt`` (newest first) and
+stops after the first page whose last transaction is not newer than
+``threshold = watermark - lookback``. Every transition in a transaction's history
+with ``createdAt > threshold`` becomes an event, so several transitions between two
+cycles are several events, in order. The next watermark is the newest
+``lastTransitionedAt`` the cycle saw.
+
+Why no transition can be missed:
+
+* ``lastTransitionedAt`` only grows. A transaction that transitions while we page
+  leaves its place and jumps to the head of the order, into pages already read;
+  everything between the head and its old place moves one step back. So the
+  unread remainder only ever shifts *back*: we may read an item twice (the queue
+  drops the copy) but never step over one. New transactions also enter at the head.
+* A transaction that transitioned behind our back (after we passed its old place)
+  will be found next cycle: every transaction read after it moved sorts behind it,
+  so the watermark this cycle sets is not newer than that transition, and the next
+  cycle reads everything newer than ``watermark - lookback``.
+* Ties: many transitions may share a millisecond. The comparison is strict against
+  ``watermark - lookback`` with ``lookback > 0``, so the watermark's own millisecond
+  is always read again; seen records drop the repeats.
+* Late visibility: a transition that becomes visible after a later one (the reason
+  for the lookback) is found as long as it shows up within ``lookback``.
+* Depth: paging reaches only ``page_cap`` items. When a walk hits the cap before
+  the threshold, the cycle walks ``createdAt`` windows, each holding at most
+  ``page_cap`` transactions (found by halving); every transaction lies in exactly
+  one window because ``createdAt`` never changes, and the newest window is open
+  ended so transactions created during the walk are covered too.
+
+Memory stays flat: one page of transactions and the cycle's event keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Protocol, Unpack
+
+from worker.client import TransactionFilters
+from worker.errors import FlexworkerError
+from worker.events import SourceName, TransitionEvent, events_from_transaction, to_ms
+from worker.models import Page, Transaction
+from worker.sources import CycleReport, Emit
+
+__all__ = ["TransactionPages", "TransactionsSource", "from_ms"]
+
+ONE_MS = timedelta(milliseconds=1)
+
+
+def from_ms(at_ms: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + at_ms * ONE_MS
+
+
+class TransactionPages(Protocol):
+    """The part of :class:`~worker.client.IntegrationClient` this source uses."""
+
+    async def transactions_query(
+        self,
+        *,
+        page: int | None = None,
+        per_page: int | None = None,
+        **filters: Unpack[TransactionFilters],
+    ) -> Page[Transaction]: ...
+
+
+class _Walk:
+    """State of one cycle: the threshold, keys already emitted, newest time seen."""
+
+    def __init__(self, threshold: datetime, watermark_ms: int, emit: Emit, detected_at: datetime) -> None:
+        self.threshold = threshold
+        self.newest_ms = watermark_ms
+        self.emit = emit
+        self.detected_at = detected_at
+        self.keys: set[str] = set()
+        self.events = 0
+        self.pages = 0
+
+    async def take(self, transactions: Sequence[Transaction]) -> None:
+        self.pages += 1
+        batch: list[TransitionEvent] = []
+        for tx in transactions:
+            if tx.attributes.last_transitioned_at <= self.threshold:
+                continue
+            self.newest_ms = max(self.newest_ms, to_ms(tx.attributes.last_transitioned_at))
+            for event in events_from_transaction(
+                tx, newer_than=self.threshold, source="transactions", detected_at=self.detected_at
+            ):
+                if event.key not in self.keys:
+                    self.keys.add(event.key)
+                    batch.append(event)
+        if batch:
+            await self.emit(batch)
+            self.events += len(batch)
+
+
+class TransactionsSource:
+    """Watermark-based polling of ``transactions/query``."""
+
+    name: SourceName = "transactions"
+
+    def __init__(
+        self,
+        api: TransactionPages,
+        *,
+        lookback_s: float,
+        start_at: datetime | None = None,
+        include: Sequence[str] = (),
+        per_page: int = 100,
+        page_cap: int = 10_000,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if lookback_s <= 0:
+            raise ValueError("lookback_s must be > 0: the watermark's millisecond must be read again")
+        self._api = api
+        self._lookback = timedelta(seconds=lookback_s)
+        self._start_at = start_at
+        self._include = list(include)
+        self._per_page = per_page
+        self._page_cap = page_cap
+        self._clock = clock
+
+    async def cycle(self, cursor: int | None, emit: Emit) -> CycleReport:
+        now = self._clock()
+        watermark_ms = cursor if cursor is not None else to_ms(self._start_at or now)
+        walk = _Walk(from_ms(watermark_ms) - self._lookback, watermark_ms, emit, now)
+        if not await self._walk(walk, {}):
+            for start, end in await self._windows():
+                window: TransactionFilters = {"created_at_start": start}
+                if end is not None:
+                    window["created_at_end"] = end
+                if not await self._walk(walk, window):
+                    raise FlexworkerError(f"window from {start} is deeper than the page cap")
+        return CycleReport(cursor=walk.newest_ms, events=walk.events, pages=walk.pages)
+
+    async def _walk(self, walk: _Walk, window: TransactionFilters) -> bool:
+        """Page newest first until the threshold; False if the page cap came first."""
+        page = 1
+        while (page - 1) * self._per_page < self._page_cap:
+            query: TransactionFilters = {**window, "sort": ["lastTransitionedAt"], "include": self._include}
+            result = await self._api.transactions_query(page=page, per_page=self._per_page, **query)
+            await walk.take(result.data)
+            if len(result.data) < self._per_page:
+                return True
+            if result.data[-1].attributes.last_transitioned_at <= walk.threshold:
+                return True
+            page += 1
+        return False
+
+    async def _count(self, start: datetime, end: datetime | None) -> int:
+        window: TransactionFilters = {"created_at_start": start}
+        if end is not None:
+            window["created_at_end"] = end
+        result = await self._api.transactions_query(page=1, per_page=1, **window)
+        return result.meta.total_items if result.meta.total_items is not None else len(result.data)
+
+    async def _windows(self) -> list[tuple[datetime, datetime | None]]:
+        """``createdAt`` windows of at most ``page_cap`` transactions, newest first.
+
+        Windows are ``[start, end)``; the newest is open ended (``end`` None).
+        """
+        oldest = await self._api.transactions_query(page=1, per_page=1, sort=["-createdAt"])
+        if not oldest.data:
+            return []
+        pending: list[tuple[datetime, datetime | None]] = [(oldest.data[0].attributes.created_at, None)]
+        windows: list[tuple[datetime, datetime | None]] = []
+        while pending:
+            start, end = pending.pop()
+            if await self._count(start, end) <= self._page_cap:
+                windows.append((start, end))
+                continue
+            upper = end or self._clock() + ONE_MS
+            if upper - start <= ONE_MS:
+                raise FlexworkerError(f"more than {self._page_cap} transactions created at {start}")
+            middle = from_ms((to_ms(start) + to_ms(upper)) // 2)
+            pending.append((start, middle))
+            pending.append((middle, end))
+        windows.sort(key=lambda w: w[0], reverse=True)
+        return windows
