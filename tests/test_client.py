@@ -105,6 +105,7 @@ def test_encode_params() -> None:
             "sort": "-createdAt",
             "eventTypes": {"transaction/updated", "transaction/initiated"},
             "listingId": None,
+            "include": [],
         }
     ) == {
         "states": "state/accepted,state/preauthorized",

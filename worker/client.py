@@ -202,11 +202,11 @@ def encode_params(params: Mapping[str, object]) -> dict[str, str]:
     """Query parameters as the API reads them.
 
     Sequences are comma-joined, datetimes ISO 8601 UTC with milliseconds, UUIDs as
-    strings, booleans ``true``/``false``; ``None`` values are left out.
+    strings, booleans ``true``/``false``; ``None`` values and empty sequences are left out.
     """
     out: dict[str, str] = {}
     for name, value in params.items():
-        if value is None:
+        if value is None or (isinstance(value, list | tuple | set | frozenset) and not value):
             continue
         encoded = _encode_value(value)
         if encoded is not None:
