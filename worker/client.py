@@ -86,6 +86,7 @@ __all__ = [
     "IntegrationClient",
     "TransactionFilters",
     "encode_params",
+    "transaction_query_params",
 ]
 
 DEFAULT_BASE_URL = "https://flex-integ-api.sharetribe.com"
@@ -212,6 +213,17 @@ def encode_params(params: Mapping[str, object]) -> dict[str, str]:
         if encoded is not None:
             out[name] = encoded
     return out
+
+
+def transaction_query_params(filters: TransactionFilters) -> dict[str, object]:
+    """The ``transactions/query`` parameters (wire names, unencoded) for ``filters``."""
+    params: dict[str, object] = {}
+    for name, value in filters.items():
+        wire_name = _TRANSACTION_FILTER_NAMES.get(name)
+        if wire_name is not None:
+            params[wire_name] = value
+    params.update(_shape(filters.get("include"), filters.get("fields")))
+    return params
 
 
 def _shape(include: Names | None, fields: FieldSets | None) -> dict[str, object]:
@@ -401,7 +413,7 @@ class IntegrationClient:
         **filters: Unpack[TransactionFilters],
     ) -> Page[Transaction]:
         """One page of transactions matching ``filters`` (see :class:`TransactionFilters`)."""
-        params = self._transaction_params(filters)
+        params = transaction_query_params(filters)
         params.update(page=page, perPage=per_page)
         answer = await self._call("GET", "transactions/query", params, None)
         return self._page(Transaction, answer)
@@ -486,18 +498,6 @@ class IntegrationClient:
         return self._one(Transaction, answer) if expand else self._ref(answer)
 
     # -- parsing -------------------------------------------------------------------
-
-    @staticmethod
-    def _transaction_params(filters: TransactionFilters) -> dict[str, object]:
-        params: dict[str, object] = {}
-        for name, value in filters.items():
-            wire_name = _TRANSACTION_FILTER_NAMES.get(name)
-            if wire_name is not None:
-                params[wire_name] = value
-        include = filters.get("include")
-        fields = filters.get("fields")
-        params.update(_shape(include, fields))
-        return params
 
     @staticmethod
     def _one(model: type[R], answer: _Answer) -> R:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 import structlog
 
+from worker.backoff import Backoff
 from worker.cursor import CursorStore
 from worker.errors import FlexworkerError, StoreError
 from worker.events import TransitionEvent
@@ -61,18 +63,26 @@ class Poller:
         lease: Lease,
         *,
         idle_interval_s: float,
-        error_backoff_s: float = 5.0,
+        error_backoff_cap_s: float = 60.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.source = source
         self._queue = queue
         self._cursors = cursors
         self._lease = lease
         self._idle_interval_s = idle_interval_s
-        self._error_backoff_s = error_backoff_s
+        # Failed cycles back off from the idle interval up to the cap, with full jitter.
+        self._error_backoff = Backoff(
+            base_s=idle_interval_s, cap_s=max(idle_interval_s, error_backoff_cap_s), max_attempts=1
+        )
+        self._rng = rng or random.Random()
+        self._failures_in_a_row = 0
         self.stats = PollStats()
 
-    async def _emit(self, events: Sequence[TransitionEvent]) -> None:
-        self.stats.events_enqueued += await self._queue.enqueue(events)
+    async def _emit(self, events: Sequence[TransitionEvent]) -> int:
+        created = await self._queue.enqueue(events)
+        self.stats.events_enqueued += created
+        return created
 
     async def cycle(self) -> CycleReport:
         """One complete cycle; the caller must hold the lease."""
@@ -92,10 +102,16 @@ class Poller:
         if token is None:
             raise LeaseLostError("poller lease is not held")
         cursor = await self._cursors.get(self.source.name)
-        report = await self.source.cycle(cursor, self._emit)
-        if report.cursor is not None and report.cursor != cursor:
+        floor = await self._cursors.get_floor(self.source.name)
+        report = await self.source.cycle(cursor, self._emit, floor=floor)
+        new_floor = report.floor if floor is None else None
+        if (report.cursor is not None and report.cursor != cursor) or new_floor is not None:
             moved = await self._cursors.set_guarded(
-                self.source.name, report.cursor, lease_key=self._lease.key, token=token
+                self.source.name,
+                report.cursor if report.cursor is not None else cursor,
+                lease_key=self._lease.key,
+                token=token,
+                floor=new_floor,
             )
             if not moved:
                 raise LeaseLostError("poller lease lost during the cycle; cursor left unchanged")
@@ -139,12 +155,16 @@ class Poller:
                 delay_s = self._idle_interval_s
                 try:
                     report = await self.cycle()
+                    self._failures_in_a_row = 0
                     if report.more:
                         delay_s = 0.0
                 except FlexworkerError as exc:
                     self.stats.failed_cycles += 1
                     log.warning("cycle failed; cursor unchanged", source=self.source.name, error=str(exc))
-                    delay_s = self._error_backoff_s
+                    delay_s = self._idle_interval_s + self._error_backoff.delay_s(
+                        self._failures_in_a_row, self._rng
+                    )
+                    self._failures_in_a_row += 1
                 await self._wait(stop, delay_s)
         finally:
             if renewer is not None:

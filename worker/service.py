@@ -66,7 +66,11 @@ def build_poller(
         chosen = EventsSource(client, start_at=since)
     else:
         chosen = TransactionsSource(
-            client, lookback_s=settings.lookback_s, start_at=since, include=settings.include
+            client,
+            lookback_s=settings.lookback_s,
+            start_at=since,
+            include=settings.include,
+            page_cap=settings.api_page_cap,
         )
     queue = EventQueue(
         redis_pool,

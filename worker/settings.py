@@ -97,9 +97,14 @@ class Settings(BaseSettings):
     lookback_s: float = Field(
         default=5.0, gt=0, le=3600, description="Transactions source: re-read this far behind the watermark."
     )
+    api_page_cap: int = Field(
+        default=10_000, ge=1, description="Items a query can reach by paging (deeper backlogs go by windows)."
+    )
     idle_interval_s: float = Field(default=10.0, gt=0, description="Pause between polls when caught up.")
     seen_retention_s: float = Field(
-        default=7 * 86400, gt=0, description="How long the queue remembers an enqueued event key."
+        default=7 * 86400,
+        ge=7200,
+        description="How long the queue remembers an enqueued event key (at least 2 h).",
     )
     lease_ttl_s: float = Field(default=30.0, gt=0, description="Poller lease lifetime; renewed at a third.")
     include: Annotated[list[Literal["customer", "provider", "listing"]], NoDecode] = Field(

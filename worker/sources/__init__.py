@@ -22,8 +22,8 @@ from worker.events import SourceName, TransitionEvent
 
 __all__ = ["CycleReport", "Emit", "Source"]
 
-#: Callback taking one page's events; returns once they are enqueued.
-Emit = Callable[[Sequence[TransitionEvent]], Awaitable[None]]
+#: Callback taking one page's events; returns, once they are enqueued, how many were new.
+Emit = Callable[[Sequence[TransitionEvent]], Awaitable[int]]
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,21 @@ class CycleReport:
 
     #: new cursor value (watermark in ms, or sequence id); None leaves it unchanged.
     cursor: int | None
+    #: events enqueued for the first time.
     events: int
     pages: int
     #: True when the source knows more is waiting (a full last page): poll again at once.
     more: bool = False
+    #: the start floor this cycle fixed, to be kept beside the cursor (first cycle only).
+    floor: int | None = None
 
 
 class Source(Protocol):
     name: SourceName
 
-    async def cycle(self, cursor: int | None, emit: Emit) -> CycleReport:
-        """Read from ``cursor`` (None: the configured start) and emit what is new."""
+    async def cycle(self, cursor: int | None, emit: Emit, *, floor: int | None = None) -> CycleReport:
+        """Read from ``cursor`` (None: the configured start) and emit what is new.
+
+        ``floor`` is what an earlier cycle reported in :attr:`CycleReport.floor`.
+        """
         ...

@@ -62,7 +62,7 @@ class EventsSource:
         self._clock = clock
         self._max_pages = max_pages_per_cycle
 
-    async def cycle(self, cursor: int | None, emit: Emit) -> CycleReport:
+    async def cycle(self, cursor: int | None, emit: Emit, *, floor: int | None = None) -> CycleReport:
         sequence_id = cursor
         if self._start_at is None:
             # Fixed at the first cycle: a start that moved with the clock would skip
@@ -82,8 +82,7 @@ class EventsSource:
             full = len(page.data) >= PAGE_SIZE
             batch = self._transition_events(page.data)
             if batch:
-                await emit(batch)
-                events += len(batch)
+                events += await emit(batch)
             if page.data:
                 sequence_id = page.data[-1].attributes.sequence_id
         return CycleReport(cursor=sequence_id, events=events, pages=pages, more=full)

@@ -2,27 +2,36 @@
 
 Each cycle pages ``transactions/query?sort=lastTransitionedAt`` (newest first) and
 stops after the first page whose last transaction is not newer than
-``threshold = watermark - lookback``. Every transition in a transaction's history
-with ``createdAt > threshold`` becomes an event, so several transitions between two
-cycles are several events, in order. The next watermark is the newest
-``lastTransitionedAt`` the cycle saw.
+``threshold = watermark - lookback``. For every transaction read that is newer than
+the threshold, each transition in its history newer than the *emission floor*
+becomes an event, so several transitions between two cycles are several events,
+in order. The next watermark is the newest ``lastTransitionedAt`` the cycle saw.
+The queue's seen records drop the transitions an earlier cycle already queued.
 
 Why no transition can be missed:
 
 * ``lastTransitionedAt`` only grows. A transaction that transitions while we page
   leaves its place and jumps to the head of the order, into pages already read;
   everything between the head and its old place moves one step back. So the
-  unread remainder only ever shifts *back*: we may read an item twice (the queue
-  drops the copy) but never step over one. New transactions also enter at the head.
-* A transaction that transitioned behind our back (after we passed its old place)
-  will be found next cycle: every transaction read after it moved sorts behind it,
-  so the watermark this cycle sets is not newer than that transition, and the next
-  cycle reads everything newer than ``watermark - lookback``.
+  unread remainder only ever shifts *back*: we may read an item twice, never step
+  over one that stays put. New transactions also enter at the head.
+* The one we step over is the transaction that moved: cycle N does not read it, so
+  its older transitions newer than cycle N's threshold are not emitted by N. Its
+  new ``lastTransitionedAt`` is later than everything cycle N read after it moved,
+  so it is newer than the next threshold and a later cycle reads it (it can dodge
+  again only by transitioning again, and only for as long as it keeps doing so).
+  When that cycle reads it, the older transitions may lie *behind* that cycle's
+  threshold; that is why emission does not stop at the threshold but goes back to
+  the emission floor, ``max(start floor, threshold - HISTORY_WINDOW)``, an hour
+  behind. Everything queued within the window still has its seen record (the
+  retention is days), so going back costs Redis look-ups, not duplicates.
 * Ties: many transitions may share a millisecond. The comparison is strict against
   ``watermark - lookback`` with ``lookback > 0``, so the watermark's own millisecond
-  is always read again; seen records drop the repeats.
+  is always read again.
 * Late visibility: a transition that becomes visible after a later one (the reason
   for the lookback) is found as long as it shows up within ``lookback``.
+* The start floor (``--since`` minus the lookback, fixed by the first cycle and
+  stored beside the cursor) keeps transitions from before the start out for good.
 * Depth: paging reaches only ``page_cap`` items. When a walk hits the cap before
   the threshold, the cycle walks ``createdAt`` windows, each holding at most
   ``page_cap`` transactions (found by halving); every transaction lies in exactly
@@ -47,6 +56,8 @@ from worker.sources import CycleReport, Emit
 __all__ = ["TransactionPages", "TransactionsSource", "from_ms"]
 
 ONE_MS = timedelta(milliseconds=1)
+#: How far behind the threshold a transaction's history is emitted (see the module docstring).
+HISTORY_WINDOW = timedelta(hours=1)
 
 
 def from_ms(at_ms: int) -> datetime:
@@ -66,10 +77,13 @@ class TransactionPages(Protocol):
 
 
 class _Walk:
-    """State of one cycle: the threshold, keys already emitted, newest time seen."""
+    """State of one cycle: threshold, emission floor, keys already emitted, newest time seen."""
 
-    def __init__(self, threshold: datetime, watermark_ms: int, emit: Emit, detected_at: datetime) -> None:
+    def __init__(
+        self, threshold: datetime, floor: datetime, watermark_ms: int, emit: Emit, detected_at: datetime
+    ) -> None:
         self.threshold = threshold
+        self.floor = floor
         self.newest_ms = watermark_ms
         self.emit = emit
         self.detected_at = detected_at
@@ -85,14 +99,13 @@ class _Walk:
                 continue
             self.newest_ms = max(self.newest_ms, to_ms(tx.attributes.last_transitioned_at))
             for event in events_from_transaction(
-                tx, newer_than=self.threshold, source="transactions", detected_at=self.detected_at
+                tx, newer_than=self.floor, source="transactions", detected_at=self.detected_at
             ):
                 if event.key not in self.keys:
                     self.keys.add(event.key)
                     batch.append(event)
         if batch:
-            await self.emit(batch)
-            self.events += len(batch)
+            self.events += await self.emit(batch)
 
 
 class TransactionsSource:
@@ -121,18 +134,20 @@ class TransactionsSource:
         self._page_cap = page_cap
         self._clock = clock
 
-    async def cycle(self, cursor: int | None, emit: Emit) -> CycleReport:
+    async def cycle(self, cursor: int | None, emit: Emit, *, floor: int | None = None) -> CycleReport:
         now = self._clock()
         watermark_ms = cursor if cursor is not None else to_ms(self._start_at or now)
-        walk = _Walk(from_ms(watermark_ms) - self._lookback, watermark_ms, emit, now)
+        threshold = from_ms(watermark_ms) - self._lookback
+        start_floor = from_ms(floor) if floor is not None else threshold
+        walk = _Walk(threshold, max(start_floor, threshold - HISTORY_WINDOW), watermark_ms, emit, now)
         if not await self._walk(walk, {}):
-            for start, end in await self._windows():
-                window: TransactionFilters = {"created_at_start": start}
-                if end is not None:
-                    window["created_at_end"] = end
-                if not await self._walk(walk, window):
-                    raise FlexworkerError(f"window from {start} is deeper than the page cap")
-        return CycleReport(cursor=walk.newest_ms, events=walk.events, pages=walk.pages)
+            await self._walk_windows(walk)
+        return CycleReport(
+            cursor=walk.newest_ms,
+            events=walk.events,
+            pages=walk.pages,
+            floor=to_ms(start_floor) if floor is None else None,
+        )
 
     async def _walk(self, walk: _Walk, window: TransactionFilters) -> bool:
         """Page newest first until the threshold; False if the page cap came first."""
@@ -142,39 +157,40 @@ class TransactionsSource:
             result = await self._api.transactions_query(page=page, per_page=self._per_page, **query)
             await walk.take(result.data)
             if len(result.data) < self._per_page:
-                return True
+                # Short because the results ended, or because the page cap cut them
+                # (totalItems, from the same answer, then counts more than we reached).
+                reached = (page - 1) * self._per_page + len(result.data)
+                total = result.meta.total_items
+                return total is None or reached >= total
             if result.data[-1].attributes.last_transitioned_at <= walk.threshold:
                 return True
             page += 1
         return False
 
-    async def _count(self, start: datetime, end: datetime | None) -> int:
-        window: TransactionFilters = {"created_at_start": start}
-        if end is not None:
-            window["created_at_end"] = end
-        result = await self._api.transactions_query(page=1, per_page=1, **window)
-        return result.meta.total_items if result.meta.total_items is not None else len(result.data)
+    async def _walk_windows(self, walk: _Walk) -> None:
+        """Walk ``createdAt`` windows of at most ``page_cap`` transactions each.
 
-    async def _windows(self) -> list[tuple[datetime, datetime | None]]:
-        """``createdAt`` windows of at most ``page_cap`` transactions, newest first.
-
-        Windows are ``[start, end)``; the newest is open ended (``end`` None).
+        Windows are ``[start, end)``, the newest open ended (``end`` None). A window
+        is halved until its count fits; the open one can still outgrow the cap while
+        we walk it (transactions keep being created), and is then halved again.
         """
         oldest = await self._api.transactions_query(page=1, per_page=1, sort=["-createdAt"])
         if not oldest.data:
-            return []
+            return
         pending: list[tuple[datetime, datetime | None]] = [(oldest.data[0].attributes.created_at, None)]
-        windows: list[tuple[datetime, datetime | None]] = []
         while pending:
             start, end = pending.pop()
-            if await self._count(start, end) <= self._page_cap:
-                windows.append((start, end))
+            window: TransactionFilters = {"created_at_start": start}
+            if end is not None:
+                window["created_at_end"] = end
+            if await self._count(window) <= self._page_cap and await self._walk(walk, window):
                 continue
             upper = end or self._clock() + ONE_MS
             if upper - start <= ONE_MS:
                 raise FlexworkerError(f"more than {self._page_cap} transactions created at {start}")
             middle = from_ms((to_ms(start) + to_ms(upper)) // 2)
-            pending.append((start, middle))
-            pending.append((middle, end))
-        windows.sort(key=lambda w: w[0], reverse=True)
-        return windows
+            pending += [(start, middle), (middle, end)]
+
+    async def _count(self, window: TransactionFilters) -> int:
+        result = await self._api.transactions_query(page=1, per_page=1, **window)
+        return result.meta.total_items if result.meta.total_items is not None else len(result.data)
