@@ -5,8 +5,9 @@ stops after the first page whose last transaction is not newer than
 ``threshold = watermark - lookback``. For every transaction read that is newer than
 the threshold, each transition in its history newer than the *emission floor*
 becomes an event, so several transitions between two cycles are several events,
-in order. The next watermark is the newest ``lastTransitionedAt`` the cycle saw.
-The queue's seen records drop the transitions an earlier cycle already queued.
+in order. The next watermark is the ``lastTransitionedAt`` at the head of the
+cycle's first page: the newest that existed when the cycle began. The queue's seen
+records drop the transitions an earlier cycle already queued.
 
 Why no transition can be missed:
 
@@ -16,10 +17,13 @@ Why no transition can be missed:
   unread remainder only ever shifts *back*: we may read an item twice, never step
   over one that stays put. New transactions also enter at the head.
 * The one we step over is the transaction that moved: cycle N does not read it, so
-  its older transitions newer than cycle N's threshold are not emitted by N. Its
-  new ``lastTransitionedAt`` is later than everything cycle N read after it moved,
-  so it is newer than the next threshold and a later cycle reads it (it can dodge
-  again only by transitioning again, and only for as long as it keeps doing so).
+  its older transitions newer than cycle N's threshold are not emitted by N. It
+  moved after the cycle's first page was read, so its new ``lastTransitionedAt`` is
+  not older than the head of that page, which is the next watermark; the next
+  cycle therefore reads it (it can dodge again only by transitioning again, and
+  only for as long as it keeps doing so). The watermark must not be the newest time
+  the cycle *saw*: a ``createdAt`` window walked late in the cycle can show a
+  transaction that moved after the one we stepped over.
   When that cycle reads it, the older transitions may lie *behind* that cycle's
   threshold; that is why emission does not stop at the threshold but goes back to
   the emission floor, ``max(start floor, threshold - HISTORY_WINDOW)``, an hour
@@ -84,7 +88,10 @@ class _Walk:
     ) -> None:
         self.threshold = threshold
         self.floor = floor
-        self.newest_ms = watermark_ms
+        #: the next watermark: the newest ``lastTransitionedAt`` at the head of the
+        #: cycle's first page (see the module docstring), or the old one if empty.
+        self.head_ms: int | None = None
+        self.watermark_ms = watermark_ms
         self.emit = emit
         self.detected_at = detected_at
         self.keys: set[str] = set()
@@ -93,11 +100,14 @@ class _Walk:
 
     async def take(self, transactions: Sequence[Transaction]) -> None:
         self.pages += 1
+        if self.head_ms is None:
+            self.head_ms = max(
+                (to_ms(tx.attributes.last_transitioned_at) for tx in transactions), default=self.watermark_ms
+            )
         batch: list[TransitionEvent] = []
         for tx in transactions:
             if tx.attributes.last_transitioned_at <= self.threshold:
                 continue
-            self.newest_ms = max(self.newest_ms, to_ms(tx.attributes.last_transitioned_at))
             for event in events_from_transaction(
                 tx, newer_than=self.floor, source="transactions", detected_at=self.detected_at
             ):
@@ -143,7 +153,7 @@ class TransactionsSource:
         if not await self._walk(walk, {}):
             await self._walk_windows(walk)
         return CycleReport(
-            cursor=walk.newest_ms,
+            cursor=max(walk.watermark_ms, walk.head_ms or walk.watermark_ms),
             events=walk.events,
             pages=walk.pages,
             floor=to_ms(start_floor) if floor is None else None,
