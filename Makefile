@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test check lint types sim clean
+.PHONY: install test check lint types demo sim clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 check: lint types test
+
+demo: $(STAMP)
+	$(BIN)/flexworker demo --duration 60 --rate 50
 
 sim: $(STAMP)
 	$(BIN)/flexworker sim --seed 1 --rate 20

@@ -87,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     _source_options(run)
     commands.add_parser("status", help="show cursors and their lag, queue depth, jobs and failures")
 
+    demo = commands.add_parser(
+        "demo",
+        help="run everything locally against the simulator and check delivery against ground truth",
+        description=(
+            "Start the simulator with live traffic, a private redis-server (unless REDIS_URL is set), the "
+            "poller and the worker with the jsonl handler; at the end compare delivered with made."
+        ),
+    )
+    demo.add_argument(
+        "--duration", type=_non_negative, default=30.0, help="seconds of live traffic (default 30)"
+    )
+    demo.add_argument("--rate", type=_non_negative, default=20.0, help="transitions per second (default 20)")
+    demo.add_argument("--source", choices=("transactions", "events"), default="transactions")
+    demo.add_argument("--seed", type=int, default=1, help="seed of the simulated marketplace (default 1)")
+    demo.add_argument(
+        "--idle-interval-s", type=_non_negative, default=2.0, help="poll interval when caught up (default 2)"
+    )
+
     cursor = commands.add_parser("cursor", help="inspect or rewind the poll cursors")
     cursor_commands = cursor.add_subparsers(dest="cursor_command", required=True, metavar="ACTION")
     cursor_commands.add_parser("show", help="show both sources' cursors")
@@ -138,13 +156,38 @@ async def _run_sim(args: argparse.Namespace) -> None:
 
 async def _run_check() -> None:
     from worker.client import IntegrationClient
+    from worker.logs import setup_logging
     from worker.settings import load_settings
 
     settings = load_settings()
+    setup_logging(settings.log_level)
     async with IntegrationClient.from_settings(settings) as client:
         marketplace = await client.marketplace_show()
     name = marketplace.attributes.name or "(unnamed)"
     print(f"ok: marketplace {name} ({marketplace.id}) at {settings.sharetribe_api_base_url}")
+
+
+async def _run_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from rich.console import Console
+
+    from worker.demo import run_demo, summary
+    from worker.logs import setup_logging
+
+    setup_logging("WARNING")
+    console = Console()
+    result = await run_demo(
+        duration_s=args.duration,
+        rate=args.rate,
+        source=args.source,
+        seed=args.seed,
+        idle_interval_s=args.idle_interval_s,
+        redis_url=os.environ.get("REDIS_URL"),
+        console=console,
+    )
+    console.print(summary(result))
+    return 0 if result.ok else EXIT_FAILURE
 
 
 async def _until_signalled(body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -190,12 +233,15 @@ async def _run_service(args: argparse.Namespace) -> None:
 async def _run_inspect(args: argparse.Namespace) -> None:
     from worker.cursor import CursorStore
     from worker.events import to_ms
+    from worker.logs import setup_logging
     from worker.service import open_redis
     from worker.settings import load_settings
     from worker.sources.transactions import from_ms
     from worker.status import read_status
 
     settings = load_settings()
+    # One-off commands print their answer; library chatter (arq's connection retries) stays out.
+    setup_logging("ERROR")
     async with open_redis(settings) as redis_pool:
         if args.command == "status":
             print("\n".join((await read_status(settings, redis_pool)).lines()))
@@ -230,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_run_service(args))
         elif args.command in ("status", "cursor"):
             asyncio.run(_run_inspect(args))
+        elif args.command == "demo":
+            return asyncio.run(_run_demo(args))
     except ConfigError as exc:
         print(f"flexworker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
