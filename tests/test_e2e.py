@@ -6,10 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 import redis.asyncio as aioredis
 
+from handlers.jsonl import read_jsonl
 from tests.e2e import Harness
 from worker.ratelimit import BucketSpec, RateLimits
 from worker.redis_server import RedisServer
@@ -224,3 +226,25 @@ async def test_api_faults_lose_nothing(harness: Harness) -> None:
     assert sum(faults.values()) > 10, faults
     assert h.sim.stats.too_many_requests > 0, h.sim.stats.to_json()
     assert h.sim.grants.get("refresh_token", 0) + h.sim.grants.get("client_credentials", 0) > 2
+
+
+@pytest.mark.parametrize("source", ["transactions", "events"])
+async def test_events_carry_included_parties_and_listing(harness: Harness, source: str) -> None:
+    h = harness
+    since = datetime.now(UTC)
+    stop = asyncio.Event()
+    include = ["customer", "provider", "listing"]
+    h.start_poller(stop, source=source, since=since, include=include)  # type: ignore[arg-type]
+    h.start_worker(stop)
+    await run_traffic(h, rate=200, until_transitions=60)
+    await h.wait_delivered(since)
+    await stop_all(h, stop)
+    h.assert_exactly_once(since)
+    records = read_jsonl(h.jsonl_path)
+    store = h.sim.store
+    for record in records:
+        tx = store.transactions[UUID(record["transaction_id"])]
+        assert record["customer"]["id"] == str(tx.customer_id)
+        assert record["provider"]["id"] == str(tx.provider_id)
+        assert record["listing"]["id"] == str(tx.listing_id)
+        assert record["customer"]["attributes"]["email"]

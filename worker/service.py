@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
+from uuid import UUID
 
 import redis
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -19,6 +20,7 @@ from worker.cursor import CursorStore
 from worker.errors import StoreError
 from worker.events import SourceName
 from worker.lease import Lease
+from worker.models import Transaction
 from worker.poller import Poller
 from worker.queue import EventQueue
 from worker.registry import Handler, load_handlers
@@ -63,7 +65,12 @@ def build_poller(
     """A poller for ``source`` (default: the setting), starting at ``since`` when no cursor exists."""
     chosen: Source
     if (source or settings.source) == "events":
-        chosen = EventsSource(client, start_at=since)
+        include = settings.include
+
+        async def fetch_related(transaction_id: UUID) -> Transaction:
+            return await client.transactions_show(transaction_id, include=include)
+
+        chosen = EventsSource(client, start_at=since, fetch_related=fetch_related if include else None)
     else:
         chosen = TransactionsSource(
             client,

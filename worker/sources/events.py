@@ -6,11 +6,17 @@
 ``transaction/transitioned`` events become transition events with the same keys
 the transactions source gives; other types are skipped. A full page means more
 is waiting, so the cycle asks again at once; a short page ends it.
+
+An event carries the transaction as it was right after the change, but no related
+resources. When ``include`` asks for them, the source fetches each transaction of a
+page once with ``transactions/show?include=…`` and attaches the customer, provider
+and listing as they are now: one more query per transaction, paced by the rate
+limiter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 from uuid import UUID
@@ -18,15 +24,18 @@ from uuid import UUID
 import structlog
 
 from worker.events import SourceName, TransitionEvent, event_from_api_event
-from worker.models import Event, Page
+from worker.models import Event, Page, Transaction
 from worker.sources import CycleReport, Emit
 
-__all__ = ["EVENT_TYPES", "EventPages", "EventsSource"]
+__all__ = ["EVENT_TYPES", "EventPages", "EventsSource", "FetchRelated"]
 
 EVENT_TYPES = ("transaction/initiated", "transaction/transitioned")
 PAGE_SIZE = 100
 
 log = structlog.get_logger(__name__)
+
+#: Fetches a transaction with its related resources (``transactions/show?include=…``).
+FetchRelated = Callable[[UUID], Awaitable[Transaction]]
 
 
 class EventPages(Protocol):
@@ -56,8 +65,10 @@ class EventsSource:
         start_at: datetime | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         max_pages_per_cycle: int = 50,
+        fetch_related: FetchRelated | None = None,
     ) -> None:
         self._api = api
+        self._fetch_related = fetch_related
         self._start_at = start_at
         self._clock = clock
         self._max_pages = max_pages_per_cycle
@@ -80,12 +91,30 @@ class EventsSource:
             )
             pages += 1
             full = len(page.data) >= PAGE_SIZE
-            batch = self._transition_events(page.data)
+            batch = await self._with_related(self._transition_events(page.data))
             if batch:
                 events += await emit(batch)
             if page.data:
                 sequence_id = page.data[-1].attributes.sequence_id
         return CycleReport(cursor=sequence_id, events=events, pages=pages, more=full)
+
+    async def _with_related(self, batch: list[TransitionEvent]) -> list[TransitionEvent]:
+        if self._fetch_related is None or not batch:
+            return batch
+        related: dict[UUID, Transaction] = {}
+        for event in batch:
+            if event.transaction_id not in related:
+                related[event.transaction_id] = await self._fetch_related(event.transaction_id)
+        return [
+            event.model_copy(
+                update={
+                    "customer": related[event.transaction_id].customer,
+                    "provider": related[event.transaction_id].provider,
+                    "listing": related[event.transaction_id].listing,
+                }
+            )
+            for event in batch
+        ]
 
     def _transition_events(self, api_events: Sequence[Event]) -> list[TransitionEvent]:
         detected_at = self._clock()
