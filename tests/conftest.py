@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from tests.fakes import FakeApi, FakeClock
 from tests.simkit import SimHttp
 from worker.sim import SimConfig, Simulator, serve
 
@@ -31,3 +32,17 @@ async def sim_http(sim_url: str) -> AsyncIterator[SimHttp]:
         http = SimHttp(session, sim_url)
         await http.login()
         yield http
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake monotonic clock whose ``sleep`` records delays and advances time."""
+    return FakeClock()
+
+
+@pytest.fixture
+async def api(clock: FakeClock) -> AsyncIterator[FakeApi]:
+    """A scripted local Integration API that records every request."""
+    server = await FakeApi(clock=clock).start()
+    yield server
+    await server.close()

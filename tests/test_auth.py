@@ -31,18 +31,6 @@ OK_DOC = {"data": {"id": "0b0e6a55-9c62-4b55-8f7e-1d2a33b8e001", "type": "market
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def api(clock: FakeClock) -> AsyncIterator[FakeApi]:
-    server = await FakeApi(clock=clock).start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s

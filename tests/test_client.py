@@ -54,18 +54,6 @@ USER_ID = uuid.UUID("3c073fae-6172-4e75-8b92-f560d58cd47c")
 BACKOFF = Backoff(base_s=0.5, cap_s=4.0, max_attempts=4, max_total_s=60)
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def api(clock: FakeClock) -> AsyncIterator[FakeApi]:
-    server = await FakeApi(clock=clock).start()
-    yield server
-    await server.close()
-
-
 def make_client(api: FakeApi, clock: FakeClock, **overrides: Any) -> IntegrationClient:
     kwargs: dict[str, Any] = {
         "base_url": api.url,

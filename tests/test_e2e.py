@@ -51,6 +51,13 @@ async def stop_all(h: Harness, stop: asyncio.Event) -> None:
     h.tasks.clear()
 
 
+async def stop_one(h: Harness, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+    """Stop one service task (a poller being restarted or replaced) and forget it."""
+    stop.set()
+    await asyncio.wait_for(task, timeout=15)
+    h.tasks.remove(task)
+
+
 async def run_traffic(h: Harness, rate: float, until_transitions: int, *, timeout_s: float = 30.0) -> None:
     """Live traffic until the simulator has applied ``until_transitions`` in all."""
     h.sim.start_traffic(rate)
@@ -84,9 +91,7 @@ async def test_restarted_poller_resumes_from_its_cursor(harness: Harness) -> Non
     poller = h.start_poller(first, since=since)
     await run_traffic(h, rate=500, until_transitions=300)
     await h.wait_delivered(since)
-    first.set()
-    await poller
-    h.tasks.remove(poller)
+    await stop_one(h, first, poller)
     # The marketplace moves on while no poller runs.
     await run_traffic(h, rate=500, until_transitions=700)
     second = asyncio.Event()
@@ -141,9 +146,7 @@ async def test_switching_source_delivers_no_duplicates(harness: Harness) -> None
     poller = h.start_poller(transactions_stop, source="transactions", since=since)
     await run_traffic(h, rate=500, until_transitions=300)
     await h.wait_delivered(since)
-    transactions_stop.set()
-    await poller
-    h.tasks.remove(poller)
+    await stop_one(h, transactions_stop, poller)
     # The events source starts where the operator says: overlapping what was delivered.
     events_stop = asyncio.Event()
     h.start_poller(events_stop, source="events", since=since)
@@ -169,9 +172,7 @@ async def test_two_pollers_one_lease(harness: Harness) -> None:
     try:
         holder_before = await client.get("flexworker:test:lease:poller")
         assert holder_before is not None
-        stop_a.set()
-        await poller_a
-        h.tasks.remove(poller_a)
+        await stop_one(h, stop_a, poller_a)
         await run_traffic(h, rate=500, until_transitions=600)
         await h.wait_delivered(since, timeout_s=30)
         holder_after = await client.get("flexworker:test:lease:poller")
