@@ -4,7 +4,8 @@ The client takes a token before every request (queries and commands have separat
 buckets); the simulator uses the same buckets to answer 429 like a dev marketplace.
 Refill is continuous: a bucket started no later than another with the same spec
 never holds fewer tokens, so a client pacing itself with these buckets stays
-inside a server enforcing them.
+inside a server enforcing them, provided the server's bucket is the older one
+(the simulator starts every client's bucket when its limits take effect).
 """
 
 from __future__ import annotations
@@ -70,11 +71,19 @@ def preset(name: RateLimitPreset) -> RateLimits | None:
 class TokenBucket:
     """A token bucket with continuous refill and FIFO waiting."""
 
-    def __init__(self, spec: BucketSpec, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        spec: BucketSpec,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        started_at_s: float | None = None,
+    ) -> None:
+        """A bucket holding ``spec.initial`` tokens at ``started_at_s`` (default: now), refilling since."""
         self.spec = spec
         self._clock = clock
         self._tokens = spec.initial
-        self._updated_at_s = clock()
+        now_s = clock()
+        self._updated_at_s = now_s if started_at_s is None else min(started_at_s, now_s)
         self._rate_per_s = spec.refill_amount / spec.refill_interval_s
         self._lock = asyncio.Lock()
 

@@ -145,11 +145,20 @@ class SimStats:
 
 
 class RateLimiter:
-    """Per-client-IP token buckets in front of the Integration API (``None`` limits: off)."""
+    """Per-client-IP token buckets in front of the Integration API (``None`` limits: off).
+
+    Every address's bucket counts as started when the limits took effect (construction
+    or assignment of :attr:`limits`), not at the address's first request: a client
+    cannot start pacing itself before the server is up, so a client using the same
+    buckets is never ahead of the server. (Started lazily, the server's bucket would be
+    younger than the client's by the time of the client's token grant and first
+    request, and a client pacing at the refill rate would see 429s.)
+    """
 
     def __init__(self, limits: RateLimits | None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._limits = limits
         self._clock = clock
+        self._since_s = clock()
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
 
     @property
@@ -158,8 +167,9 @@ class RateLimiter:
 
     @limits.setter
     def limits(self, limits: RateLimits | None) -> None:
-        # New limits start every client with fresh buckets.
+        # New limits start every client with fresh buckets, as of now.
         self._limits = limits
+        self._since_s = self._clock()
         self._buckets.clear()
 
     def _bucket(self, client: str, kind: str) -> TokenBucket:
@@ -167,7 +177,8 @@ class RateLimiter:
         bucket = self._buckets.get((client, kind))
         if bucket is None:
             spec = self._limits.queries if kind == "queries" else self._limits.commands
-            bucket = self._buckets[(client, kind)] = TokenBucket(spec, clock=self._clock)
+            bucket = TokenBucket(spec, clock=self._clock, started_at_s=self._since_s)
+            self._buckets[(client, kind)] = bucket
         return bucket
 
     @web.middleware

@@ -56,8 +56,8 @@ __all__ = [
     "Message",
     "MissingResourceError",
     "Ref",
+    "SimStoreError",
     "Store",
-    "StoreError",
     "Transaction",
     "TransitionEntry",
     "User",
@@ -90,15 +90,15 @@ def truncate_ms(at: datetime) -> datetime:
     return at.replace(microsecond=at.microsecond // 1000 * 1000)
 
 
-class StoreError(FlexworkerError):
+class SimStoreError(FlexworkerError):
     """Base of the store's refusals."""
 
 
-class MissingResourceError(StoreError, LookupError):
+class MissingResourceError(SimStoreError, LookupError):
     """No resource of that type has that id."""
 
 
-class InvalidArgumentError(StoreError, ValueError):
+class InvalidArgumentError(SimStoreError, ValueError):
     """An argument makes no sense (a time before the last transition, a stranger as sender, ...)."""
 
 
