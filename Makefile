@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EXAMPLE := examples/flexworker-example-plugin
 
-.PHONY: install test check lint types demo sim clean
+.PHONY: install test example check lint types demo sim clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +16,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker handlers tests
-	$(BIN)/ruff format --check worker handlers tests
+	$(BIN)/ruff check worker handlers tests examples
+	$(BIN)/ruff format --check worker handlers tests examples
 
 types: $(STAMP)
 	$(BIN)/mypy worker handlers
@@ -24,7 +25,12 @@ types: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
-check: lint types test
+# The example plugin installs like any third-party plugin and runs its own tests.
+example: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps -e $(EXAMPLE)
+	cd $(EXAMPLE) && ../../$(BIN)/pytest
+
+check: lint types test example
 
 demo: $(STAMP)
 	$(BIN)/flexworker demo --duration 60 --rate 50

@@ -6,21 +6,26 @@ the transaction's data, which holds personal details.
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 
-from worker.events import TransitionEvent
-from worker.settings import Settings
+from worker.plugin import FlexworkerSettings, Handler, HandlerContext
 
 __all__ = ["LogHandler"]
 
 
-class LogHandler:
+class LogHandler(Handler):
+    """Logs every transition (default subscription and retry policy)."""
+
     name = "log"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: FlexworkerSettings, handler_settings: Any = None) -> None:
+        super().__init__(settings, handler_settings)
         self._log = structlog.get_logger("flexworker.handlers.log")
 
-    async def handle(self, event: TransitionEvent) -> None:
+    async def handle(self, ctx: HandlerContext) -> None:
+        event = ctx.event
         self._log.info(
             "transition",
             key=event.key,

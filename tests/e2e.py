@@ -1,4 +1,10 @@
-"""A harness for end-to-end tests: simulator, private Redis, poller and worker in process.
+"""A harness for end-to-end tests: simulator, private Redis, poller and worker.
+
+The simulator and the pollers run in the test's event loop; each worker runs
+``run_worker`` in a process of its own, as it does in production. In the test's
+loop the poller (re-polling every 50 ms, parsing every page) would take most of
+the CPU, and the worker, which makes a fan-out job and a handler job per event
+(with their ordering and idempotency records), would fall behind live traffic.
 
 Delivery is observed through the ``jsonl`` handler's audit file and compared with
 the simulator's ground truth (every transition it applied).
@@ -8,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -80,8 +88,8 @@ class Harness:
         return task
 
     def start_worker(self, stop: asyncio.Event, **kw: Any) -> asyncio.Task[None]:
-        settings = self.settings(**kw)
-        task = asyncio.create_task(run_worker(settings, stop, handlers=[JsonlHandler(settings)]))
+        """A worker process with the ``jsonl`` handler; the task ends when it has stopped."""
+        task = asyncio.create_task(_run_worker_process(self.settings(**kw), stop))
         self.tasks.append(task)
         return task
 
@@ -107,6 +115,46 @@ class Harness:
         duplicated = [k for k, n in delivered.items() if n > 1]
         assert not duplicated, f"delivered twice: {duplicated[:3]}"
         assert set(delivered) == set(expected)
+
+
+def _worker_process_main(settings: Settings, stop: Any) -> None:
+    """In the worker process: run the worker until the parent sets ``stop``."""
+
+    async def main() -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def watch() -> None:
+            stop.wait()
+            loop.call_soon_threadsafe(stopped.set)
+
+        # A daemon thread: a worker that crashes must not wait for it to exit.
+        threading.Thread(target=watch, daemon=True).start()
+        await run_worker(settings, stopped, handlers=[JsonlHandler(settings)])
+
+    asyncio.run(main())
+
+
+async def _run_worker_process(settings: Settings, stop: asyncio.Event) -> None:
+    # spawn: the parent runs threads and an event loop, which fork would copy half-made.
+    context = multiprocessing.get_context("spawn")
+    process_stop = context.Event()
+    process = context.Process(target=_worker_process_main, args=(settings, process_stop), daemon=True)
+    process.start()
+    exited = asyncio.ensure_future(asyncio.to_thread(process.join))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        process_stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), timeout=15)
+        except TimeoutError:
+            process.kill()
+            await exited
+    if process.exitcode != 0:
+        raise RuntimeError(f"worker process exited with status {process.exitcode}")
 
 
 @contextlib.asynccontextmanager

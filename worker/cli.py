@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 from worker import __version__
 from worker.errors import ConfigError, FlexworkerError
@@ -85,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("work", help="run the worker: hand queued events to the enabled handlers")
     run = commands.add_parser("run", help="run the poller and the worker in one process")
     _source_options(run)
-    commands.add_parser("status", help="show cursors and their lag, queue depth, jobs and failures")
+    commands.add_parser("status", help="show cursors and their lag, queue depth, jobs and handler outcomes")
+    commands.add_parser(
+        "handlers",
+        help="list installed handlers: where from, enabled or not, subscription, retry policy",
+        description="List every installed handler; enabled ones are loaded, so their problems show.",
+    )
+    _dlq_commands(commands)
 
     demo = commands.add_parser(
         "demo",
@@ -115,6 +122,41 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--sequence-id", type=int, help="events: the last sequence id handled")
     target.add_argument("--clear", action="store_true", help="forget the cursor (next start uses --since)")
     return parser
+
+
+def _dlq_commands(commands: Any) -> None:
+    dlq = commands.add_parser(
+        "dlq",
+        help="inspect, replay or purge dead-lettered deliveries",
+        description="Deliveries that failed for good wait in the dead-letter queue for a person to decide.",
+    )
+    actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = actions.add_parser("list", help="list dead letters, oldest first")
+    _dlq_filters(dlq_list)
+    show = actions.add_parser("show", help="show one dead letter: attempts and every error")
+    show.add_argument("id", help="the dead letter's id (from `dlq list`)")
+    show.add_argument("--event", action="store_true", help="also print the event (it holds personal data)")
+    for name, verb in (("replay", "re-enqueue as fresh jobs (attempts start again)"), ("purge", "delete")):
+        action = actions.add_parser(name, help=f"{verb} and remove from the queue: IDs, or --all matching")
+        action.add_argument("ids", nargs="*", metavar="ID", help="dead letter ids")
+        action.add_argument("--all", action="store_true", help="every dead letter matching the filters")
+        _dlq_filters(action)
+        if name == "replay":
+            action.add_argument(
+                "--force", action="store_true", help="run even where the delivery is already marked done"
+            )
+            action.add_argument(
+                "--forget-uncertain-steps",
+                action="store_true",
+                help="steps that started without a result run again (you checked: they did not happen)",
+            )
+
+
+def _dlq_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--handler", help="only this handler's")
+    parser.add_argument("--transition", help="only these transitions (a glob, e.g. 'transition/*refund*')")
+    parser.add_argument("--since", type=_instant, help="dead-lettered at or after (ISO 8601)")
+    parser.add_argument("--until", type=_instant, help="dead-lettered at or before (ISO 8601)")
 
 
 def _instant(text: str) -> datetime:
@@ -264,6 +306,101 @@ async def _run_inspect(args: argparse.Namespace) -> None:
         print(f"events:       {'none' if sequence_id is None else sequence_id}")
 
 
+async def _run_handlers() -> None:
+    from worker.registry import describe_handlers
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    infos = describe_handlers(settings)
+    if not infos:
+        print("no handlers installed")
+        return
+    for info in infos:
+        state = "enabled" if info.enabled else "disabled"
+        print(f"{info.name} ({state}) from {info.distribution}: {info.target}")
+        print(f"  subscription: {info.subscription}")
+        print(f"  retry:        {info.retry}")
+        if info.problem:
+            print(f"  problem:      {info.problem}")
+    broken = [info for info in infos if info.enabled and info.problem]
+    if broken:
+        raise ConfigError(broken[0].problem or "")
+
+
+def _dlq_line(letter: Any) -> str:
+    last = letter.last_error
+    error = f"{last.type}" if last else "-"
+    return (
+        f"{letter.id}  {letter.dead_lettered_at.isoformat(timespec='seconds')}  {letter.handler}  "
+        f"{letter.transition}  attempts={letter.attempts}  {letter.reason}  {error}  {letter.event_key}"
+    )
+
+
+async def _run_dlq(args: argparse.Namespace) -> None:
+    import json
+
+    from worker.dlq import DeadLetters, DlqFilter
+    from worker.logs import setup_logging
+    from worker.service import open_redis
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    setup_logging("ERROR")
+    filters = DlqFilter(
+        handler=getattr(args, "handler", None),
+        transition=getattr(args, "transition", None),
+        since=getattr(args, "since", None),
+        until=getattr(args, "until", None),
+    )
+    async with open_redis(settings) as redis_pool:
+        dead_letters = DeadLetters(redis_pool, settings)
+        if args.dlq_command == "list":
+            letters = await dead_letters.list(filters)
+            for letter in letters:
+                print(_dlq_line(letter))
+            print(f"{len(letters)} dead letter{'' if len(letters) == 1 else 's'}")
+            return
+        if args.dlq_command == "show":
+            found = await dead_letters.show(args.id)
+            if found is None:
+                raise ConfigError(f"no dead letter with id {args.id!r} (see `flexworker dlq list`)")
+            letter = found
+            print(f"id:               {letter.id}")
+            print(f"handler:          {letter.handler}")
+            print(f"event:            {letter.event_key}")
+            print(f"transition:       {letter.transition} ({letter.process_name})")
+            print(f"reason:           {letter.reason} after {letter.attempts} attempt(s)")
+            print(f"first failure:    {letter.first_failure_at.isoformat()}")
+            print(f"dead-lettered at: {letter.dead_lettered_at.isoformat()}")
+            print("errors:")
+            for error in letter.errors:
+                where = f" [{error.where}]" if error.where else ""
+                print(
+                    f"  {error.at.isoformat()} attempt {error.attempt}: {error.type}: {error.message}{where}"
+                )
+            if args.event:
+                print(json.dumps(letter.event, indent=2, sort_keys=True))
+            return
+        has_filters = any(
+            v is not None for v in (filters.handler, filters.transition, filters.since, filters.until)
+        )
+        if args.ids and (args.all or has_filters):
+            raise ConfigError(f"dlq {args.dlq_command}: give dead letter ids or --all with filters, not both")
+        if not args.ids and not args.all:
+            raise ConfigError(
+                f"dlq {args.dlq_command}: give dead letter ids, or --all (with filters) for many"
+            )
+        letters = await (dead_letters.select(args.ids) if args.ids else dead_letters.list(filters))
+        if args.dlq_command == "replay":
+            job_ids = await dead_letters.replay(
+                letters, force=args.force, forget_uncertain=args.forget_uncertain_steps
+            )
+            print(f"replayed {len(job_ids)} dead letter{'' if len(job_ids) == 1 else 's'}")
+        else:
+            removed = await dead_letters.purge(letters)
+            print(f"purged {removed} dead letter{'' if removed == 1 else 's'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
     args = build_parser().parse_args(argv)
@@ -276,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_run_service(args))
         elif args.command in ("status", "cursor"):
             asyncio.run(_run_inspect(args))
+        elif args.command == "handlers":
+            asyncio.run(_run_handlers())
+        elif args.command == "dlq":
+            asyncio.run(_run_dlq(args))
         elif args.command == "demo":
             return asyncio.run(_run_demo(args))
     except ConfigError as exc:

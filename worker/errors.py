@@ -7,18 +7,23 @@ errors from libraries (aiohttp, pydantic, transit) are wrapped at the boundary w
     FlexworkerError
      ├── ConfigError                 a setting is missing or invalid
      ├── StoreError                  Redis failed (queue, cursors, lease, records)
-     └── ApiError                    the Integration API could not be used
-          ├── TransportError         no usable HTTP answer (after retries)
-          │    ├── ApiConnectError   connection refused, reset or dropped
-          │    └── ApiTimeoutError   no answer in time
-          ├── DecodeError            an answer arrived but its body is unusable
-          │    └── ResourceError     a resource lacks a field we require
-          └── HTTPStatusError        a non-2xx answer (after retries where they apply)
-               ├── AuthError         401/403 that re-authenticating did not fix
-               ├── NotFoundError     404
-               ├── RateLimitedError  429
-               ├── ServerError       5xx
-               └── BadRequestError   any other 4xx (validation, conflicts, ...)
+     ├── ApiError                    the Integration API could not be used
+     │    ├── TransportError         no usable HTTP answer (after retries)
+     │    │    ├── ApiConnectError   connection refused, reset or dropped
+     │    │    └── ApiTimeoutError   no answer in time
+     │    ├── DecodeError            an answer arrived but its body is unusable
+     │    │    └── ResourceError     a resource lacks a field we require
+     │    └── HTTPStatusError        a non-2xx answer (after retries where they apply)
+     │         ├── AuthError         401/403 that re-authenticating did not fix
+     │         ├── NotFoundError     404
+     │         ├── RateLimitedError  429
+     │         ├── ServerError       5xx
+     │         └── BadRequestError   any other 4xx (validation, conflicts, ...)
+     ├── HandlerError                raised by handlers to steer delivery (``worker.plugin`` re-exports)
+     │    ├── RetryLater             transient: try again, no sooner than ``after_s``
+     │    └── PermanentError         no retry: straight to the dead-letter queue
+     │         └── StepUncertainError  a step started but its result was never recorded
+     └── HandlerStartupError         a handler's ``startup()`` failed
 
 ``ApiError`` carries the request it belongs to (method, path, query parameters —
 never headers or bodies, which hold tokens and secrets).
@@ -40,11 +45,16 @@ __all__ = [
     "DecodeError",
     "FlexworkerError",
     "HTTPStatusError",
+    "HandlerError",
+    "HandlerStartupError",
     "NotFoundError",
+    "PermanentError",
     "RateLimitedError",
     "RequestInfo",
     "ResourceError",
+    "RetryLater",
     "ServerError",
+    "StepUncertainError",
     "StoreError",
     "TransportError",
     "status_error",
@@ -61,6 +71,34 @@ class ConfigError(FlexworkerError):
 
 class StoreError(FlexworkerError):
     """Redis (queue, cursors, lease, records) failed or could not be reached."""
+
+
+class HandlerError(FlexworkerError):
+    """Base of the exceptions a handler raises to tell delivery what to do next."""
+
+
+class RetryLater(HandlerError):
+    """Try this event again later, no sooner than ``after_s`` seconds (it uses up an attempt)."""
+
+    def __init__(self, after_s: float, message: str = "") -> None:
+        super().__init__(message or f"retry requested in {after_s:g} s")
+        self.after_s = max(0.0, float(after_s))
+
+
+class PermanentError(HandlerError):
+    """Retrying cannot help: the event goes straight to the dead-letter queue."""
+
+
+class StepUncertainError(PermanentError):
+    """A step started in an earlier attempt but never recorded its result.
+
+    Its side effect may or may not have happened, and the handler gave no way to
+    find out (``if_uncertain``), so a person decides: the event is dead-lettered.
+    """
+
+
+class HandlerStartupError(FlexworkerError):
+    """A handler's ``startup()`` failed; the worker does not start."""
 
 
 @dataclass(frozen=True)

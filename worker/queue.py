@@ -10,6 +10,10 @@ Order of writes matters: the job is enqueued first and marked seen after. A cras
 in between leaves the event unmarked, so the next cycle offers it again and arq's
 job id (whose job or result is still there minutes later) refuses the copy;
 marking first could lose the event.
+
+Each job is written together with the event's entry in its transaction's
+event-level pending set, in one script, so that handlers get a transaction's
+events in order (see :mod:`worker.ordering`).
 """
 
 from __future__ import annotations
@@ -19,11 +23,15 @@ from collections.abc import Sequence
 from arq.connections import ArqRedis
 
 from worker.events import TransitionEvent
+from worker.keys import Keys
+from worker.ordering import EVENT_JOB_FUNCTION, Ordering, QueuedJob
 
 __all__ = ["JOB_FUNCTION", "EventQueue"]
 
-#: Name of the arq job function that receives each event.
-JOB_FUNCTION = "handle_event"
+#: Name of the arq job function that receives each event (the fan-out to handlers).
+JOB_FUNCTION = EVENT_JOB_FUNCTION
+#: Events per enqueue script: a deep backlog must not hold Redis in one long script.
+_BATCH = 200
 
 
 class EventQueue:
@@ -41,9 +49,12 @@ class EventQueue:
         self._prefix = prefix
         self.queue_name = queue_name
         self._seen_retention_ms = int(seen_retention_s * 1000)
+        self._seen_retention_s = seen_retention_s
+        self._keys = Keys(prefix)
+        self._ordering = Ordering(redis, self._keys, queue_name=queue_name)
 
     def seen_key(self, event_key: str) -> str:
-        return f"{self._prefix}:seen:{event_key}"
+        return self._keys.seen(event_key)
 
     async def unseen(self, events: Sequence[TransitionEvent]) -> list[TransitionEvent]:
         """The events whose keys have no seen record, in the given order."""
@@ -59,14 +70,20 @@ class EventQueue:
         """Enqueue the unseen events in order; return how many new jobs were created."""
         fresh = await self.unseen(events)
         created = 0
-        for event in fresh:
-            job = await self._redis.enqueue_job(
-                JOB_FUNCTION,
-                event.model_dump(mode="json"),
-                _job_id=event.key,
-                _queue_name=self.queue_name,
-            )
-            created += job is not None
+        for start in range(0, len(fresh), _BATCH):
+            jobs = [
+                QueuedJob(
+                    job_id=event.key,
+                    function=JOB_FUNCTION,
+                    args=(event.model_dump(mode="json"),),
+                    pending_key=self._keys.order(event.transaction_id),
+                    index=event.index,
+                )
+                for event in fresh[start : start + _BATCH]
+            ]
+            # The pending entry lives as long as the seen record: past that the event is forgotten anyway.
+            results = await self._ordering.enqueue(jobs, pending_ttl_s=self._seen_retention_s)
+            created += sum(results)
         if fresh:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for event in fresh:

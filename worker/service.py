@@ -8,29 +8,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
+import aiohttp
 import redis
+import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from worker.client import IntegrationClient
 from worker.cursor import CursorStore
-from worker.errors import StoreError
+from worker.delivery import Delivery
+from worker.dlq import init_sentry
+from worker.errors import HandlerStartupError, StoreError
 from worker.events import SourceName
 from worker.lease import Lease
 from worker.models import Transaction
 from worker.poller import Poller
 from worker.queue import EventQueue
-from worker.registry import Handler, load_handlers
+from worker.registry import LoadedHandler, activate, load_handlers
 from worker.runner import build_worker
 from worker.settings import Settings
 from worker.sources import Source
 from worker.sources.events import EventsSource
 from worker.sources.transactions import TransactionsSource
 
-__all__ = ["build_poller", "open_redis", "poller_lease", "run_poller", "run_worker"]
+__all__ = ["build_poller", "open_redis", "poller_lease", "run_poller", "run_worker", "started_handlers"]
+
+#: How long a stopping worker lets running attempts finish before cancelling them.
+SHUTDOWN_GRACE_S = 10.0
 
 
 @contextlib.asynccontextmanager
@@ -111,25 +120,74 @@ async def run_poller(
             await poller.run(stop)
 
 
+@contextlib.asynccontextmanager
+async def started_handlers(handlers: Sequence[LoadedHandler]) -> AsyncIterator[None]:
+    """Run each handler's ``startup()`` (in order), and ``shutdown()`` of those started on the way out."""
+    started: list[LoadedHandler] = []
+    try:
+        for loaded in handlers:
+            try:
+                await loaded.handler.startup()
+            except Exception as exc:
+                problem = " ".join(str(exc).split())
+                raise HandlerStartupError(
+                    f"handler {loaded.name!r} failed to start: {type(exc).__name__}: {problem}"
+                ) from exc
+            started.append(loaded)
+        yield
+    finally:
+        for loaded in reversed(started):
+            try:
+                await loaded.handler.shutdown()
+            except Exception as exc:  # one handler's failing shutdown must not keep the others open
+                structlog.get_logger(__name__).error(
+                    "handler shutdown failed", handler=loaded.name, error=type(exc).__name__
+                )
+
+
 async def run_worker(
     settings: Settings,
     stop: asyncio.Event,
     *,
-    handlers: list[Handler] | None = None,
+    handlers: Sequence[Any] | None = None,
+    rng: random.Random | None = None,
 ) -> None:
-    """Run the arq worker until ``stop`` is set."""
-    handlers = handlers if handlers is not None else load_handlers(settings)
-    async with open_redis(settings) as redis_pool:
-        worker = build_worker(settings, redis_pool, handlers)
+    """Run the arq worker until ``stop`` is set.
+
+    ``handlers`` defaults to those ``FLEXWORKER_HANDLERS`` enables; tests and the
+    demo may pass handlers in any form :func:`worker.registry.activate` takes
+    (a ``HandlerSpec``, a ``Handler`` subclass or instance, an older-form object).
+    """
+    loaded = load_handlers(settings) if handlers is None else [activate(h, settings) for h in handlers]
+    init_sentry(settings)
+    async with (
+        open_redis(settings) as redis_pool,
+        IntegrationClient.from_settings(settings) as client,
+        aiohttp.ClientSession() as http,
+        started_handlers(loaded),
+    ):
+        delivery = Delivery(redis_pool, settings, loaded, client=client, http=http, rng=rng)
+        worker = build_worker(settings, redis_pool, delivery)
         task = asyncio.create_task(worker.async_run())
         stopper = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
+            # Stop taking jobs, give running attempts a moment to settle, then cancel the rest
+            # (a cancelled attempt is given back and runs again later).
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await worker.close()
+            running = [t for t in worker.tasks.values() if not t.done()]
+            if running:
+                await asyncio.wait(running, timeout=SHUTDOWN_GRACE_S)
+            try:
+                await worker.close()
+            except asyncio.CancelledError:
+                # close() re-raises the cancellation of a job it cancelled; ours must go on.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise StoreError(f"worker stopped: {task.exception()}")

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.errors import ConfigError
@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         ge=7200,
         description="How long the queue remembers an enqueued event key (at least 2 h).",
     )
+    idempotency_retention_s: float = Field(
+        default=30 * 86400,
+        gt=0,
+        description="How long a handler's done record and step results are kept (at least seen_retention_s).",
+    )
     lease_ttl_s: float = Field(default=30.0, gt=0, description="Poller lease lifetime; renewed at a third.")
     include: Annotated[list[Literal["customer", "provider", "listing"]], NoDecode] = Field(
         default_factory=list, description="Related resources to snapshot into each event (comma-separated)."
@@ -115,6 +120,10 @@ class Settings(BaseSettings):
     )
     jsonl_path: str = Field(
         default="flexworker-events.jsonl", description="File the `jsonl` handler appends events to."
+    )
+    sentry_dsn: SecretStr | None = Field(
+        default=None,
+        description="When set, the worker reports dead-lettered events to this Sentry project.",
     )
     worker_max_jobs: int = Field(default=10, ge=1, description="Jobs one worker runs at once.")
     job_timeout_s: float = Field(default=300.0, gt=0, description="Longest a job may run.")
@@ -131,6 +140,16 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("idempotency_retention_s", mode="after")
+    @classmethod
+    def _check_idempotency_retention(cls, value: float, info: ValidationInfo) -> float:
+        # A done record that expired before the queue forgot the event would let a
+        # re-queued copy run the handler a second time.
+        seen_s = info.data.get("seen_retention_s")
+        if seen_s is not None and value < seen_s:
+            raise ValueError(f"must be at least FLEXWORKER_SEEN_RETENTION_S ({seen_s:g} s)")
         return value
 
     @field_validator("include", "handlers", mode="before")

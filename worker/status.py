@@ -1,19 +1,45 @@
-"""What ``flexworker status`` reports: cursors and their lag, queue depth, jobs, failures."""
+"""What ``flexworker status`` reports: cursors and their lag, queue depth, jobs, handler outcomes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 
 from worker.cursor import CursorStore
-from worker.runner import failure_counter_key
+from worker.keys import Keys
 from worker.settings import Settings
 from worker.sources.transactions import from_ms
 
-__all__ = ["Status", "read_status"]
+__all__ = ["HandlerStats", "Status", "read_handler_stats", "read_status"]
+
+
+@dataclass(frozen=True)
+class HandlerStats:
+    """One handler's delivery outcomes since the namespace began."""
+
+    done: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    #: deliveries that were no-ops: already done, dead-lettered, or not wanted after all.
+    skipped: int = 0
+
+
+async def read_handler_stats(settings: Settings, redis: ArqRedis) -> dict[str, HandlerStats]:
+    """Every handler's counters (``P:stats:handler:<name>``), by name."""
+    keys = Keys(settings.redis_prefix)
+    prefix = keys.stats("")
+    stats = {}
+    async for key in redis.scan_iter(match=keys.stats_pattern, count=1000):
+        name = key.decode().removeprefix(prefix)
+        raw = await redis.hgetall(key)  # type: ignore[misc]
+        values = {k.decode(): int(v) for k, v in raw.items()}
+        stats[name] = HandlerStats(
+            **{f: values.get(f, 0) for f in ("done", "retried", "dead_lettered", "skipped")}
+        )
+    return dict(sorted(stats.items()))
 
 
 @dataclass(frozen=True)
@@ -24,8 +50,9 @@ class Status:
     lease_holder: int | None
     queued: int
     in_progress: int
-    failed: int
+    dead_letters: int
     now: datetime
+    handlers: dict[str, HandlerStats] = field(default_factory=dict)
 
     @property
     def lag_s(self) -> float | None:
@@ -43,8 +70,16 @@ class Status:
             ("poller lease", "free" if self.lease_holder is None else f"held (token {self.lease_holder})"),
             ("queued jobs", str(self.queued)),
             ("jobs in progress", str(self.in_progress)),
-            ("failed jobs", str(self.failed)),
+            ("dead letters", str(self.dead_letters)),
         ]
+        for name, stats in self.handlers.items():
+            rows.append(
+                (
+                    f"handler {name}",
+                    f"done {stats.done}, retried {stats.retried}, dead-lettered {stats.dead_lettered}, "
+                    f"skipped {stats.skipped}",
+                )
+            )
         return [f"{label + ':':<21}{value}" for label, value in rows]
 
 
@@ -55,7 +90,6 @@ async def read_status(settings: Settings, redis: ArqRedis) -> Status:
     async for _ in redis.scan_iter(match=in_progress_key_prefix + "*", count=1000):
         in_progress += 1
     holder = await redis.get(f"{settings.redis_prefix}:lease:poller")
-    failed = await redis.get(failure_counter_key(settings))
     return Status(
         namespace=settings.namespace,
         watermark=None if watermark_ms is None else from_ms(watermark_ms),
@@ -63,6 +97,7 @@ async def read_status(settings: Settings, redis: ArqRedis) -> Status:
         lease_holder=int(holder) if holder is not None else None,
         queued=int(await redis.zcard(settings.queue_name)),
         in_progress=in_progress,
-        failed=int(failed or 0),
+        dead_letters=int(await redis.zcard(Keys(settings.redis_prefix).dlq_index)),
         now=datetime.now(UTC),
+        handlers=await read_handler_stats(settings, redis),
     )

@@ -7,6 +7,10 @@ Enable with ``pytest_plugins = ["worker.testing"]`` in a ``conftest.py``.
 - ``redis_url``: its URL.
 - ``arq_redis``: an :class:`arq.connections.ArqRedis` pool on it.
 
+- ``deliver``: runs a handler on an event through the real job path (claims,
+  retries with shortened backoff, idempotency, ``ctx.step``, the dead-letter
+  queue) and returns a :class:`~worker.trial.DeliveryOutcome`.
+
 Factories: :func:`make_transaction`, :func:`make_event` (any transition of the
 default processes, reached the shortest way unless a path is given) and
 :func:`make_user`.
@@ -28,8 +32,19 @@ from worker.events import TransitionEvent, events_from_transaction
 from worker.models import Listing, Transaction, User
 from worker.processes import INITIAL_STATE, Process, get_process
 from worker.redis_server import RedisServer
+from worker.trial import Deliver, DeliveryOutcome
 
-__all__ = ["arq_redis", "make_event", "make_transaction", "make_user", "redis_server", "redis_url"]
+__all__ = [
+    "Deliver",
+    "DeliveryOutcome",
+    "arq_redis",
+    "deliver",
+    "make_event",
+    "make_transaction",
+    "make_user",
+    "redis_server",
+    "redis_url",
+]
 
 
 @pytest.fixture
@@ -41,6 +56,12 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture
+def deliver(redis_url: str) -> Deliver:
+    """``await deliver(event, handler, handler_settings=...)`` through the real job path."""
+    return Deliver(redis_url)
 
 
 @pytest_asyncio.fixture

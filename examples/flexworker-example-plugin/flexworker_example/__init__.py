@@ -1,0 +1,1 @@
+"""An example flexworker handler plugin."""

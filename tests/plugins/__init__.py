@@ -1,0 +1,1 @@
+"""Handler plugins for the registry tests, loaded through hand-made entry points."""

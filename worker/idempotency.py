@@ -1,0 +1,360 @@
+"""Each handler acts on each event once: delivery records, claims and recorded steps.
+
+One hash per (handler, event key), ``P:delivery:<handler>:<event key>``, holds the
+delivery's state (see :mod:`worker.keys`):
+
+- a **claim** (``P:claim:...``, a token with a lease) while an attempt runs. The
+  lease is the handler's timeout plus :data:`LEASE_MARGIN_S`, and the attempt is
+  cancelled at its timeout, so a live claim means another attempt really is running
+  (a second copy of the job re-defers); a claim left by a worker that died expires.
+- ``attempts``, counted when an attempt is claimed, and ``error:<n>`` per failed one.
+- ``status``: ``done`` makes any later delivery of the event to the handler a no-op
+  (also after a replay, unless the replay is forced); ``dead`` while dead-lettered.
+- ``step:<name>`` per :meth:`~worker.plugin.HandlerContext.step`: started, or done
+  with its JSON result.
+
+Records expire ``FLEXWORKER_IDEMPOTENCY_RETENTION_S`` (default 30 days, never
+shorter than the queue's seen retention) after their last write; a dead-lettered
+one is kept until it is replayed or purged, so its step results survive the wait.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from redis.asyncio.client import Pipeline
+
+from worker.errors import PermanentError, StepUncertainError
+from worker.failures import ErrorRecord
+from worker.keys import Keys
+from worker.ordering import ORDER_LUA, ORDER_PARK_S, now_ms
+
+__all__ = ["LEASE_MARGIN_S", "Claim", "DeliveryRecord", "DeliveryRecords", "RecordedSteps"]
+
+#: A claim outlives its attempt's timeout by this much (clock drift, slow Redis writes).
+LEASE_MARGIN_S = 30.0
+
+# KEYS: delivery, claim, the arq queue, then the pending zsets to wait for.
+# ARGV: token (the job id), lease ms, retention ms, queue time now (ms), index, arq job key prefix,
+#       park ms, record time now (ms).
+# One round trip for "settled? blocked (then parked)? busy? else claim".
+_CLAIM = (
+    ORDER_LUA
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status then return {status, 0} end
+if #KEYS > 3 and first_blocker({unpack(KEYS, 4)}, ARGV[5], ARGV[6]) then
+  -- Parked in the same script as the check, so the blocker's wake-up cannot be missed.
+  redis.call('ZADD', KEYS[3], 'XX', tonumber(ARGV[4]) + tonumber(ARGV[7]), ARGV[1])
+  return {'blocked', 0}
+end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {'busy', redis.call('PTTL', KEYS[2])} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSETNX', KEYS[1], 'first_attempt_at', ARGV[8])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {'claimed', attempt}
+"""
+)
+
+_UNCLAIM = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+  return 1
+end
+return 0
+"""
+
+_FAIL = """
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+_SETTLE = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'settled_at', ARGV[3])
+  if ARGV[2] == 'dead' then
+    redis.call('PERSIST', KEYS[1])
+  else
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  end
+end
+return 1
+"""
+
+# ARGV: force, forget uncertain steps, retention ms. Returns 0 when a done record was kept.
+_RESET = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'done' and ARGV[1] ~= '1' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 0
+end
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if f == 'status' or f == 'attempts' or f == 'first_attempt_at' or f == 'settled_at'
+      or string.sub(f, 1, 6) == 'error:' then
+    redis.call('HDEL', KEYS[1], f)
+  elseif ARGV[2] == '1' and string.sub(f, 1, 5) == 'step:' then
+    local step = cjson.decode(redis.call('HGET', KEYS[1], f))
+    if step['state'] ~= 'done' then redis.call('HDEL', KEYS[1], f) end
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+Status = Literal["done", "dead"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer to "may this attempt run?"."""
+
+    state: Literal["claimed", "done", "dead", "busy", "blocked"]
+    #: the attempt's number (1-based) when claimed.
+    attempt: int = 0
+    #: how much longer another attempt's claim lasts, when busy.
+    busy_for_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """A delivery record as read back (for the dead-letter queue, the CLI and tests)."""
+
+    status: str | None
+    attempts: int
+    first_attempt_at: datetime | None
+    settled_at: datetime | None
+    errors: list[ErrorRecord] = field(default_factory=list)
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _from_ms(value: bytes | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+
+
+class DeliveryRecords:
+    """The delivery records of one namespace. ``clock`` is Unix time in seconds."""
+
+    def __init__(
+        self,
+        redis: ArqRedis,
+        keys: Keys,
+        *,
+        retention_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = redis
+        self.keys = keys
+        self._retention_ms = int(retention_s * 1000)
+        self._clock = clock
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def status(self, handler: str, event_key: str) -> str | None:
+        value = await self._redis.hget(self.keys.delivery(handler, event_key), "status")  # type: ignore[misc]
+        return value.decode() if isinstance(value, bytes) else None
+
+    async def claim(
+        self,
+        handler: str,
+        event_key: str,
+        job_id: str,
+        *,
+        lease_s: float,
+        queue_name: str,
+        wait_for: Sequence[str] = (),
+        index: int = 0,
+    ) -> Claim:
+        """Claim the next attempt unless the delivery is settled, blocked, or another job holds it.
+
+        The claim's token is the job id. ``wait_for`` are pending sets
+        (:mod:`worker.ordering`): a live entry below ``index`` in any of them means
+        an earlier event goes first, and the job is parked in ``queue_name``
+        ("blocked": re-run it without a delay of its own; it is woken).
+        """
+        state, value = await self._redis.eval(  # type: ignore[misc]
+            _CLAIM,
+            3 + len(wait_for),
+            self.keys.delivery(handler, event_key),
+            self.keys.claim(handler, event_key),
+            queue_name,
+            *wait_for,
+            job_id,
+            str(int(lease_s * 1000)),
+            str(self._retention_ms),
+            # The queue is scored by arq's clock (wall time), not by ours.
+            str(now_ms()),
+            str(index),
+            job_key_prefix,
+            str(int(ORDER_PARK_S * 1000)),
+            str(self._now_ms()),
+        )
+        name = state.decode()
+        if name == "claimed":
+            return Claim("claimed", attempt=int(value))
+        if name == "busy":
+            return Claim("busy", busy_for_s=max(0, int(value)) / 1000)
+        if name == "blocked":
+            return Claim("blocked")
+        return Claim("done" if name == "done" else "dead")
+
+    async def unclaim(self, handler: str, event_key: str, token: str) -> None:
+        """Give back a claimed attempt that never really ran (the worker is stopping)."""
+        await self._redis.eval(  # type: ignore[misc]
+            _UNCLAIM, 2, self.keys.delivery(handler, event_key), self.keys.claim(handler, event_key), token
+        )
+
+    def fail_in(self, pipe: Pipeline, handler: str, event_key: str, token: str, error: ErrorRecord) -> None:
+        """Queue: record a failed attempt's error and drop its claim."""
+        pipe.eval(
+            _FAIL,
+            2,
+            self.keys.delivery(handler, event_key),
+            self.keys.claim(handler, event_key),
+            token,
+            f"error:{error.attempt}",
+            error.model_dump_json(),
+            str(self._retention_ms),
+        )
+
+    def settle_in(
+        self, pipe: Pipeline, handler: str, event_key: str, token: str, status: Status | None
+    ) -> None:
+        """Queue: drop the claim and, with a ``status``, mark the delivery done or dead."""
+        pipe.eval(
+            _SETTLE,
+            2,
+            self.keys.delivery(handler, event_key),
+            self.keys.claim(handler, event_key),
+            token,
+            status or "",
+            str(self._now_ms()),
+            str(self._retention_ms),
+        )
+
+    def reset_in(
+        self, pipe: Pipeline, handler: str, event_key: str, *, force: bool, forget_uncertain: bool
+    ) -> None:
+        """Queue, for a replay: attempts start again; ``force`` also forgets a done mark.
+
+        Completed steps keep their results, so a replay never repeats a side effect
+        that is known to have happened; ``forget_uncertain`` drops the steps that
+        started without a result (a person checked: they did not happen).
+        """
+        pipe.eval(
+            _RESET,
+            1,
+            self.keys.delivery(handler, event_key),
+            "1" if force else "0",
+            "1" if forget_uncertain else "0",
+            str(self._retention_ms),
+        )
+
+    async def read(self, handler: str, event_key: str) -> DeliveryRecord:
+        raw: dict[bytes, bytes] = await self._redis.hgetall(self.keys.delivery(handler, event_key))  # type: ignore[misc]
+        fields = {k.decode(): v for k, v in raw.items()}
+        errors = [ErrorRecord.model_validate_json(v) for k, v in fields.items() if k.startswith("error:")]
+        errors.sort(key=lambda e: e.attempt)
+        steps = {k.removeprefix("step:"): json.loads(v) for k, v in fields.items() if k.startswith("step:")}
+        status = fields.get("status")
+        return DeliveryRecord(
+            status=status.decode() if status is not None else None,
+            attempts=int(fields.get("attempts", b"0")),
+            first_attempt_at=_from_ms(fields.get("first_attempt_at")),
+            settled_at=_from_ms(fields.get("settled_at")),
+            errors=errors,
+            steps=steps,
+        )
+
+    def steps(self, handler: str, event_key: str, attempt: int) -> RecordedSteps:
+        """The step recorder for one attempt."""
+        return RecordedSteps(
+            self._redis,
+            self.keys.delivery(handler, event_key),
+            attempt,
+            retention_ms=self._retention_ms,
+            clock=self._clock,
+        )
+
+
+class RecordedSteps:
+    """Runs :meth:`~worker.plugin.HandlerContext.step` against a delivery record."""
+
+    def __init__(
+        self,
+        redis: ArqRedis,
+        key: str,
+        attempt: int,
+        *,
+        retention_ms: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = redis
+        self._key = key
+        self._attempt = attempt
+        self._retention_ms = retention_ms
+        self._clock = clock
+
+    async def _write(self, name: str, value: dict[str, Any]) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key, f"step:{name}", json.dumps(value, separators=(",", ":")))
+            pipe.pexpire(self._key, self._retention_ms)
+            await pipe.execute()
+
+    async def _done(self, name: str, result: Any) -> Any:
+        try:
+            encoded = json.dumps(result, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            # The side effect happened but cannot be recorded: retrying would repeat it.
+            raise PermanentError(
+                f"step {name!r} returned {type(result).__name__}, which is not JSON; "
+                "its result was not recorded"
+            ) from exc
+        await self._write(name, {"state": "done", "attempt": self._attempt, "result": json.loads(encoded)})
+        return json.loads(encoded)
+
+    async def run(
+        self,
+        name: str,
+        fn: Callable[[], Awaitable[Any]],
+        if_uncertain: Callable[[], Awaitable[Any]] | None,
+    ) -> Any:
+        if not isinstance(name, str) or not name:
+            raise ValueError("a step needs a non-empty name")
+        raw = await self._redis.hget(self._key, f"step:{name}")  # type: ignore[misc]
+        if raw is not None:
+            record = json.loads(raw)
+            if record.get("state") == "done":
+                return record.get("result")
+            if if_uncertain is None:
+                raise StepUncertainError(
+                    f"step {name!r} started in attempt {record.get('attempt')} but its result was never "
+                    "recorded; check whether it happened, then replay "
+                    "(with --forget-uncertain-steps if it did not)"
+                )
+            found = await if_uncertain()
+            if found is not None:
+                return await self._done(name, found)
+        await self._write(
+            name, {"state": "started", "attempt": self._attempt, "at": int(self._clock() * 1000)}
+        )
+        try:
+            result = await fn()
+        except Exception:
+            # fn saw its own failure: nothing is stored, and a retry calls it again.
+            await self._redis.hdel(self._key, f"step:{name}")  # type: ignore[misc]
+            raise
+        return await self._done(name, result)

@@ -1,0 +1,69 @@
+"""Where the delivery core keeps its state in Redis, in one place.
+
+Every key is under the namespace prefix ``P = flexworker:<namespace>``:
+
+=================================  ======  ==========================================================
+``P:seen:<event key>``             string  the queue saw this event (``FLEXWORKER_SEEN_RETENTION_S``)
+``P:order:<transaction id>``       zset    events queued but not yet fanned out: job id (= event
+                                           key) scored by transition index; expires with the seen
+                                           retention
+``P:pending:<handler>:<tx id>``    zset    a handler's undelivered events of a transaction: handler
+                                           job id scored by transition index; expires with the
+                                           idempotency retention
+``P:delivery:<handler>:<event>``   hash    one handler's record of one event: ``status`` (done /
+                                           dead), ``attempts``, ``first_attempt_at``, ``settled_at``,
+                                           ``error:<n>`` per failed attempt, ``step:<name>`` per step;
+                                           expires ``FLEXWORKER_IDEMPOTENCY_RETENTION_S`` after the
+                                           last write, kept while dead-lettered
+``P:claim:<handler>:<event>``      string the running attempt's token; expires with its lease
+``P:stats:handler:<handler>``      hash    counters: done, retried, dead_lettered, skipped
+``P:dlq``                          hash    dead letter id -> JSON record
+``P:dlq:index``                    zset    dead letter id scored by dead-lettered time (ms)
+=================================  ======  ==========================================================
+
+arq's own keys (``arq:job:<id>``, ``arq:result:<id>``, the queue ``P:queue``) are
+arq's; the delivery core only writes them in arq's format when it enqueues.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The key names of one namespace."""
+
+    prefix: str
+
+    def seen(self, event_key: str) -> str:
+        return f"{self.prefix}:seen:{event_key}"
+
+    def order(self, transaction_id: object) -> str:
+        return f"{self.prefix}:order:{transaction_id}"
+
+    def pending(self, handler: str, transaction_id: object) -> str:
+        return f"{self.prefix}:pending:{handler}:{transaction_id}"
+
+    def delivery(self, handler: str, event_key: str) -> str:
+        return f"{self.prefix}:delivery:{handler}:{event_key}"
+
+    def claim(self, handler: str, event_key: str) -> str:
+        return f"{self.prefix}:claim:{handler}:{event_key}"
+
+    def stats(self, handler: str) -> str:
+        return f"{self.prefix}:stats:handler:{handler}"
+
+    @property
+    def stats_pattern(self) -> str:
+        return f"{self.prefix}:stats:handler:*"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}:dlq"
+
+    @property
+    def dlq_index(self) -> str:
+        return f"{self.prefix}:dlq:index"
