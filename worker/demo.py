@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,11 +25,13 @@ from rich.live import Live
 from rich.table import Table
 
 from handlers.jsonl import JsonlHandler, read_jsonl
+from handlers.log import LogHandler
 from worker.events import SourceName, event_key
 from worker.redis_server import RedisServer
-from worker.service import run_poller, run_worker
+from worker.service import open_redis, run_poller, run_worker
 from worker.settings import Settings
 from worker.sim import SimConfig, Simulator, serve
+from worker.status import HandlerStats, read_handler_stats
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -41,6 +43,8 @@ class DemoResult:
     missing: list[str]
     duplicated: list[str]
     latencies_s: list[float]
+    #: per handler: done, retried, dead-lettered, skipped.
+    handlers: dict[str, HandlerStats] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -100,10 +104,11 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @contextlib.asynccontextmanager
 async def _services(settings: Settings, source: SourceName, since: datetime) -> AsyncIterator[asyncio.Event]:
     stop = asyncio.Event()
-    handler = JsonlHandler(settings)
     tasks = [
         asyncio.create_task(run_poller(settings, stop, source=source, since=since)),
-        asyncio.create_task(run_worker(settings, stop, handlers=[handler])),
+        asyncio.create_task(
+            run_worker(settings, stop, handlers=[JsonlHandler(settings), LogHandler(settings)])
+        ),
     ]
     try:
         yield stop
@@ -141,7 +146,7 @@ async def run_demo(
                 source=source,
                 idle_interval_s=idle_interval_s,
                 jsonl_path=str(jsonl_path),
-                handlers=["jsonl"],
+                handlers=["jsonl", "log"],
                 _env_file=None,
             )
             since = datetime.now(UTC)
@@ -174,6 +179,8 @@ async def run_demo(
                         )
                         await asyncio.sleep(0.25)
             result = evaluate(sim, jsonl_path, since)
+            async with open_redis(settings) as redis_pool:
+                result = replace(result, handlers=await read_handler_stats(settings, redis_pool))
     return result
 
 
@@ -192,6 +199,13 @@ def summary(result: DemoResult) -> Table:
             ("latency p95", seconds(result.percentile_s(0.95))),
             ("latency p99", seconds(result.percentile_s(0.99))),
             ("latency max", seconds(max(result.latencies_s, default=None))),
+            *(
+                (
+                    f"handler {name}",
+                    f"done {s.done} · retried {s.retried} · dead {s.dead_lettered} · skipped {s.skipped}",
+                )
+                for name, s in result.handlers.items()
+            ),
             ("result", "OK" if result.ok else "FAILED"),
         ],
     )
