@@ -39,7 +39,7 @@ from worker.plugin import (
     _is_async,
     default_env_prefix,
 )
-from worker.settings import DEFAULT_SECRETS_DIR, Settings
+from worker.settings import DEFAULT_SECRETS_DIR, Settings, setting_problem
 
 __all__ = [
     "HANDLER_GROUP",
@@ -176,15 +176,7 @@ def load_handler_settings(
             variable = (spec.env_prefix + loc).upper()
         else:
             variable = loc.upper()
-        if first["type"] == "missing":
-            problem = "is required but not set"
-        else:
-            # A pydantic message never contains the value; keep it that way.
-            msg = str(first["msg"]).removeprefix("Value error, ")
-            problem = f"is invalid: {msg[:1].lower()}{msg[1:]}"
-        more = len(exc.errors()) - 1
-        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise ConfigError(f"handler {spec.name!r} setting {variable} {problem}{suffix}") from None
+        raise ConfigError(f"handler {spec.name!r} setting {variable} {setting_problem(exc)}") from None
     except Exception as exc:
         raise ConfigError(f"handler {spec.name!r} settings could not be read: {type(exc).__name__}") from exc
 

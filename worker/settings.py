@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.errors import ConfigError
 
-__all__ = ["DEFAULT_API_BASE_URL", "DEFAULT_SECRETS_DIR", "Settings", "load_settings"]
+__all__ = ["DEFAULT_API_BASE_URL", "DEFAULT_SECRETS_DIR", "Settings", "load_settings", "setting_problem"]
 
 DEFAULT_API_BASE_URL = "https://flex-integ-api.sharetribe.com"
 DEFAULT_SECRETS_DIR = "/run/secrets"
@@ -201,12 +201,20 @@ def load_settings(
     except ValidationError as exc:
         first = exc.errors()[0]
         name = _variable_name(str(first["loc"][0])) if first["loc"] else "settings"
-        if first["type"] == "missing":
-            problem = "is required but not set"
-        else:
-            # The message of a pydantic error never contains the value; keep it that way.
-            msg = str(first["msg"]).removeprefix("Value error, ")
-            problem = f"is invalid: {msg[:1].lower()}{msg[1:]}"
-        more = len(exc.errors()) - 1
-        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise ConfigError(f"setting {name} {problem}{suffix}") from None
+        raise ConfigError(f"setting {name} {setting_problem(exc)}") from None
+
+
+def setting_problem(exc: ValidationError) -> str:
+    """What is wrong with the first invalid setting, in words, and how many more are wrong.
+
+    A pydantic message never contains the input value, so secrets stay out of it.
+    """
+    errors = exc.errors()
+    first = errors[0]
+    if first["type"] == "missing":
+        problem = "is required but not set"
+    else:
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        problem = f"is invalid: {msg[:1].lower()}{msg[1:]}"
+    more = len(errors) - 1
+    return problem + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
