@@ -1,4 +1,4 @@
-"""Shared fixtures: the private Redis ones come from flexworker's own pytest plugin."""
+"""Shared fixtures; the private Redis, the simulator and the factories come from flexworker's pytest plugin."""
 
 from collections.abc import AsyncIterator
 
@@ -7,22 +7,8 @@ import pytest
 
 from tests.fakes import FakeApi, FakeClock
 from tests.simkit import SimHttp
-from worker.sim import SimConfig, Simulator, serve
 
 pytest_plugins = ["worker.testing"]
-
-
-@pytest.fixture
-def sim() -> Simulator:
-    """A fresh simulator: seed 1, no rate limits, no faults, no live traffic (call ``sim.traffic.step``)."""
-    return Simulator(SimConfig(seed=1, rate_limits=None))
-
-
-@pytest.fixture
-async def sim_url(sim: Simulator) -> AsyncIterator[str]:
-    """``sim`` served on a free localhost port; the base URL (``http://127.0.0.1:PORT``)."""
-    async with serve(sim) as url:
-        yield url
 
 
 @pytest.fixture

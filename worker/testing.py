@@ -7,6 +7,8 @@ Enable with ``pytest_plugins = ["worker.testing"]`` in a ``conftest.py``.
 - ``redis_url``: its URL.
 - ``arq_redis``: an :class:`arq.connections.ArqRedis` pool on it.
 
+- ``sim``: a fresh :class:`~worker.sim.Simulator` (seed 1, no rate limits, no
+  faults, no live traffic); ``sim_url``: it served on a free localhost port.
 - ``deliver``: runs a handler on an event through the real job path (claims,
   retries with shortened backoff, idempotency, ``ctx.step``, the dead-letter
   queue) and returns a :class:`~worker.trial.DeliveryOutcome`.
@@ -32,6 +34,7 @@ from worker.events import TransitionEvent, events_from_transaction
 from worker.models import Listing, Transaction, User
 from worker.processes import INITIAL_STATE, Process, get_process
 from worker.redis_server import RedisServer
+from worker.sim import SimConfig, Simulator, serve
 from worker.trial import Deliver, DeliveryOutcome
 
 __all__ = [
@@ -44,6 +47,8 @@ __all__ = [
     "make_user",
     "redis_server",
     "redis_url",
+    "sim",
+    "sim_url",
 ]
 
 
@@ -56,6 +61,19 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    """A fresh simulator: seed 1, no rate limits, no faults, no live traffic (call ``sim.traffic.step``)."""
+    return Simulator(SimConfig(seed=1, rate_limits=None))
+
+
+@pytest.fixture
+async def sim_url(sim: Simulator) -> AsyncIterator[str]:
+    """``sim`` served on a free localhost port; the base URL (``http://127.0.0.1:PORT``)."""
+    async with serve(sim) as url:
+        yield url
 
 
 @pytest.fixture
