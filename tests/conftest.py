@@ -1,4 +1,4 @@
-"""Shared fixtures; the private Redis, the simulator and the factories come from flexworker's pytest plugin."""
+"""Shared fixtures; Redis, the simulator and the factories come from flexworker's pytest plugin."""
 
 from collections.abc import AsyncIterator
 
