@@ -13,7 +13,7 @@ from arq.connections import ArqRedis
 
 from tests.delivery_kit import enqueue, events, make_settings, stats, until, worker
 from tests.test_cli import cli_env, flexworker
-from worker.dlq import DeadLetter, DeadLetters, DlqFilter, dead_letter_id, init_sentry, report
+from worker.dlq import DeadLetter, DeadLetters, DlqFilter, init_sentry, report
 from worker.errors import ConfigError, PermanentError
 from worker.failures import ErrorRecord
 from worker.idempotency import DeliveryRecords
@@ -27,13 +27,9 @@ T = datetime(2026, 5, 1, 12, tzinfo=UTC)
 
 def letter(handler_name: str, number: int, index: int, at: datetime) -> DeadLetter:
     event = events(number, index + 1)[index]
-    return DeadLetter(
-        id=dead_letter_id(handler_name, event.key),
-        handler=handler_name,
-        event_key=event.key,
-        transaction_id=str(event.transaction_id),
-        transition=event.transition,
-        process_name=event.process_name,
+    return DeadLetter.of(
+        handler_name,
+        event,
         job_id=f"{event.key}:{handler_name}",
         reason="exhausted",
         attempts=2,
@@ -43,9 +39,7 @@ def letter(handler_name: str, number: int, index: int, at: datetime) -> DeadLett
                 at=at, attempt=2, type="OSError", message="refused again", where="crm.py:9 in handle"
             ),
         ],
-        first_failure_at=at - timedelta(seconds=5),
         dead_lettered_at=at,
-        event=event.model_dump(mode="json"),
     )
 
 

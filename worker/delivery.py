@@ -40,7 +40,7 @@ import structlog
 from arq.connections import ArqRedis
 
 from worker.client import IntegrationClient
-from worker.dlq import DeadLetter, DeadLetters, dead_letter_id, report
+from worker.dlq import DeadLetter, DeadLetters, report
 from worker.events import TransitionEvent
 from worker.failures import ErrorRecord, classify, describe
 from worker.idempotency import LEASE_MARGIN_S, DeliveryRecords
@@ -307,20 +307,15 @@ class Delivery:
     ) -> Outcome:
         record = await self.records.read(handler, event.key)
         errors = [e for e in record.errors if e.attempt != error.attempt] + [error]
-        letter = DeadLetter(
-            id=dead_letter_id(handler, event.key),
-            handler=handler,
-            event_key=event.key,
-            transaction_id=str(event.transaction_id),
-            transition=event.transition,
-            process_name=event.process_name,
+        letter = DeadLetter.of(
+            handler,
+            event,
             job_id=job_id,
             reason=reason,
             attempts=attempts,
             errors=errors,
-            first_failure_at=min(e.at for e in errors),
             dead_lettered_at=self._now(),
-            event=payload,
+            payload=payload,
         )
         async with self._redis.pipeline(transaction=True) as pipe:
             self.records.fail_in(pipe, handler, event.key, job_id, error)

@@ -33,6 +33,7 @@ from redis.asyncio.client import Pipeline
 
 from worker import __version__
 from worker.errors import ConfigError
+from worker.events import TransitionEvent
 from worker.failures import ErrorRecord
 from worker.idempotency import DeliveryRecords
 from worker.keys import Keys
@@ -66,6 +67,36 @@ class DeadLetter(BaseModel):
     dead_lettered_at: datetime
     #: the event as delivered (it holds personal data: never logged).
     event: dict[str, Any]
+
+    @classmethod
+    def of(
+        cls,
+        handler: str,
+        event: TransitionEvent,
+        *,
+        job_id: str,
+        reason: Literal["permanent", "exhausted"],
+        attempts: int,
+        errors: list[ErrorRecord],
+        dead_lettered_at: datetime,
+        payload: dict[str, Any] | None = None,
+    ) -> DeadLetter:
+        """The dead letter of ``event`` for ``handler``; ``errors`` must not be empty."""
+        return cls(
+            id=dead_letter_id(handler, event.key),
+            handler=handler,
+            event_key=event.key,
+            transaction_id=str(event.transaction_id),
+            transition=event.transition,
+            process_name=event.process_name,
+            job_id=job_id,
+            reason=reason,
+            attempts=attempts,
+            errors=errors,
+            first_failure_at=min(e.at for e in errors),
+            dead_lettered_at=dead_lettered_at,
+            event=payload if payload is not None else event.model_dump(mode="json"),
+        )
 
     @property
     def last_error(self) -> ErrorRecord | None:
