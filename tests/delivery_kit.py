@@ -12,10 +12,10 @@ from uuid import UUID
 
 from arq.connections import ArqRedis
 
+from worker.api.models import Transaction
 from worker.events import TransitionEvent, events_from_transaction
-from worker.keys import Keys
-from worker.models import Transaction
-from worker.queue import EventQueue
+from worker.queue.enqueue import EventQueue
+from worker.queue.keys import Keys
 from worker.service import run_worker
 from worker.settings import Settings
 

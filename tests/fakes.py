@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from worker import wire
+from worker.api import wire
 
 __all__ = [
     "FakeApi",

@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from worker import wire
+from worker.api import wire
 
 API = "/v1/integration_api"
 

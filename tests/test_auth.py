@@ -21,9 +21,9 @@ from tests.fakes import (
     token_ok,
     transaction_doc,
 )
-from worker.auth import Grant, TokenManager
-from worker.backoff import Backoff
-from worker.client import IntegrationClient
+from worker.api.auth import Grant, TokenManager
+from worker.api.backoff import Backoff
+from worker.api.client import IntegrationClient
 from worker.errors import AuthError, ServerError
 
 SECRET = "s3cr3t-do-not-leak"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.backoff import Backoff, parse_retry_after
+from worker.api.backoff import Backoff, parse_retry_after
 from worker.errors import ConfigError
 
 

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from worker.redis_server import RedisServer, free_port
+from worker.api.wire import format_time
+from worker.ops.redis_server import RedisServer, free_port
 from worker.sim import SimConfig, Simulator, serve
-from worker.wire import format_time
 
 CLEARED = ("SHARETRIBE_", "FLEXWORKER_", "REDIS_URL")
 

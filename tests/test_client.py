@@ -31,10 +31,12 @@ from tests.fakes import (
     transaction_doc,
     truncated_response,
 )
-from worker import wire
-from worker.auth import TokenManager
-from worker.backoff import Backoff
-from worker.client import IntegrationClient, encode_params
+from worker.api import wire
+from worker.api.auth import TokenManager
+from worker.api.backoff import Backoff
+from worker.api.client import IntegrationClient, encode_params
+from worker.api.models import ResourceRef, Transaction
+from worker.api.ratelimit import BucketSpec, RateLimits
 from worker.errors import (
     ApiConnectError,
     ApiTimeoutError,
@@ -46,8 +48,6 @@ from worker.errors import (
     ResourceError,
     ServerError,
 )
-from worker.models import ResourceRef, Transaction
-from worker.ratelimit import BucketSpec, RateLimits
 
 TX_ID = uuid.UUID("ef98e897-5b81-49a5-aca6-01d9759df075")
 USER_ID = uuid.UUID("3c073fae-6172-4e75-8b92-f560d58cd47c")

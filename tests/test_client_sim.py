@@ -23,9 +23,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from worker import wire
-from worker.backoff import Backoff
-from worker.client import IntegrationClient, TransactionFilters
+from worker.api import wire
+from worker.api.backoff import Backoff
+from worker.api.client import IntegrationClient, TransactionFilters
+from worker.api.models import ResourceRef
+from worker.api.models import Transaction as TxModel
+from worker.api.ratelimit import PRESETS
 from worker.errors import (
     AuthError,
     BadRequestError,
@@ -35,9 +38,6 @@ from worker.errors import (
     ResourceError,
     ServerError,
 )
-from worker.models import ResourceRef
-from worker.models import Transaction as TxModel
-from worker.ratelimit import PRESETS
 from worker.sim import FaultConfig, SimConfig, Simulator, Store, serve
 from worker.sim.store import Transaction
 

@@ -11,12 +11,12 @@ from arq.connections import ArqRedis
 
 from tests.delivery_kit import enqueue, events, make_settings, stats, until, worker
 from tests.plugins.legacy import LegacyHandler
-from worker.dlq import DeadLetters
+from worker.deliver.dlq import DeadLetters
+from worker.deliver.idempotency import DeliveryRecords
 from worker.errors import PermanentError, RetryLater
-from worker.idempotency import DeliveryRecords
-from worker.keys import Keys
-from worker.ordering import HANDLER_JOB_FUNCTION, Ordering, QueuedJob
 from worker.plugin import Handler, HandlerContext, RetryPolicy, Subscription, handler
+from worker.queue.keys import Keys
+from worker.queue.ordering import HANDLER_JOB_FUNCTION, Ordering, QueuedJob
 
 #: Retries in milliseconds, so tests that exhaust attempts stay fast.
 FAST = RetryPolicy(max_attempts=3, base_s=0.01, cap_s=0.02, timeout_s=5)

@@ -13,12 +13,12 @@ from arq.connections import ArqRedis
 
 from tests.delivery_kit import enqueue, events, make_settings, stats, until, worker
 from tests.test_cli import cli_env, flexworker
-from worker.dlq import DeadLetter, DeadLetters, DlqFilter, init_sentry, report
+from worker.deliver.dlq import DeadLetter, DeadLetters, DlqFilter, init_sentry, report
+from worker.deliver.failures import ErrorRecord
+from worker.deliver.idempotency import DeliveryRecords
 from worker.errors import ConfigError, PermanentError
-from worker.failures import ErrorRecord
-from worker.idempotency import DeliveryRecords
-from worker.keys import Keys
 from worker.plugin import HandlerContext, RetryPolicy, handler
+from worker.queue.keys import Keys
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 
 from handlers.jsonl import read_jsonl
 from tests.e2e import Harness
-from worker.ratelimit import BucketSpec, RateLimits
-from worker.redis_server import RedisServer
+from worker.api.ratelimit import BucketSpec, RateLimits
+from worker.ops.redis_server import RedisServer
 from worker.sim import FaultConfig, SimConfig, Simulator, serve
 
 #: Five queries a second with a burst of three: a poller without client-side limits runs into 429s.

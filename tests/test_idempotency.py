@@ -9,11 +9,11 @@ from typing import Any
 from arq.connections import ArqRedis
 
 from tests.delivery_kit import enqueue, events, make_settings, stats, until, worker
-from worker.dlq import DeadLetters
+from worker.deliver.dlq import DeadLetters
+from worker.deliver.idempotency import DeliveryRecords
 from worker.errors import RetryLater
-from worker.idempotency import DeliveryRecords
-from worker.keys import Keys
 from worker.plugin import HandlerContext, RetryPolicy, handler
+from worker.queue.keys import Keys
 
 QUICK = RetryPolicy(max_attempts=3, base_s=0.01, cap_s=0.02, timeout_s=5)
 

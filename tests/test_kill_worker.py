@@ -30,13 +30,13 @@ from aiohttp import web
 from arq.constants import in_progress_key_prefix
 
 from tests.kill_plugin import HANDLER_NAME, STEP, worker_settings
-from worker.dlq import DeadLetters, dead_letter_id
+from worker.deliver.dlq import DeadLetters, dead_letter_id
+from worker.deliver.idempotency import DeliveryRecord, DeliveryRecords
 from worker.events import TransitionEvent
-from worker.idempotency import DeliveryRecord, DeliveryRecords
-from worker.keys import Keys
-from worker.ordering import handler_job_id
-from worker.queue import EventQueue
-from worker.redis_server import RedisServer
+from worker.ops.redis_server import RedisServer
+from worker.queue.enqueue import EventQueue
+from worker.queue.keys import Keys
+from worker.queue.ordering import handler_job_id
 from worker.service import open_redis
 from worker.testing import make_event
 

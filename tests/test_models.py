@@ -8,8 +8,8 @@ from uuid import UUID
 
 import pytest
 
+from worker.api.models import Event, Transaction, parse_document, parse_error_details, parse_page
 from worker.errors import DecodeError, ResourceError
-from worker.models import Event, Transaction, parse_document, parse_error_details, parse_page
 
 TX_ID = "ef98e897-5b81-49a5-aca6-01d9759df075"
 CUSTOMER_ID = "3c073fae-6172-4e75-8b92-f560d58cd47c"

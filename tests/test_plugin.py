@@ -19,8 +19,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from tests.delivery_kit import events, make_settings
 from tests.plugins.legacy import LegacyHandler
 from worker import registry
+from worker.deliver.failures import classify, describe
 from worker.errors import ConfigError, ServerError, TransportError, status_error
-from worker.failures import classify, describe
 from worker.plugin import (
     Handler,
     HandlerContext,

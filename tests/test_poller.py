@@ -9,15 +9,15 @@ from uuid import UUID
 import pytest
 from arq.connections import ArqRedis
 
-from worker.cursor import CursorStore
+from worker.api.models import Event, Page, PageMeta, Transaction
 from worker.errors import ServerError
 from worker.events import SourceName, TransitionEvent, events_from_transaction
-from worker.lease import Lease
-from worker.models import Event, Page, PageMeta, Transaction
-from worker.poller import LeaseHeldError, LeaseLostError, Poller
-from worker.queue import EventQueue
-from worker.sources import CycleReport, Emit
-from worker.sources.events import EventsSource
+from worker.poll.cursor import CursorStore
+from worker.poll.lease import Lease
+from worker.poll.poller import LeaseHeldError, LeaseLostError, Poller
+from worker.poll.sources import CycleReport, Emit
+from worker.poll.sources.events import EventsSource
+from worker.queue.enqueue import EventQueue
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 

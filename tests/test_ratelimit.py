@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tests.fakes import FakeClock
-from worker.ratelimit import PRESETS, BucketSpec, RateLimits, TokenBucket, preset
+from worker.api.ratelimit import PRESETS, BucketSpec, RateLimits, TokenBucket, preset
 
 
 def test_dev_preset_matches_the_sdk() -> None:

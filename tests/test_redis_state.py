@@ -7,11 +7,11 @@ from uuid import UUID
 
 from arq.connections import ArqRedis
 
-from worker.cursor import CursorStore
+from worker.api.models import Transaction
 from worker.events import TransitionEvent, events_from_transaction
-from worker.lease import Lease
-from worker.models import Transaction
-from worker.queue import EventQueue
+from worker.poll.cursor import CursorStore
+from worker.poll.lease import Lease
+from worker.queue.enqueue import EventQueue
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from tests.simkit import SimHttp
-from worker import wire
+from worker.api import wire
 from worker.sim import SimConfig, Simulator, run_simulator, serve
 
 PI_PATH = ("stripePaymentIntents", "default", "stripePaymentIntentId")

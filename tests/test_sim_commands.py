@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from tests.simkit import API, SimHttp
-from worker import models, wire
+from worker.api import models, wire
 from worker.sim import Simulator
 from worker.sim.store import Transaction
 

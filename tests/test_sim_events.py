@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.simkit import SimHttp
-from worker import models, wire
+from worker.api import models, wire
 from worker.sim import Simulator
 
 

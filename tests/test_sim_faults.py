@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 
 from tests.simkit import API, SimHttp
-from worker import wire
+from worker.api import wire
+from worker.api.ratelimit import PRESETS, TokenBucket
 from worker.errors import ConfigError
-from worker.ratelimit import PRESETS, TokenBucket
 from worker.sim import FaultConfig, SimConfig, Simulator, serve
 
 FAST_DEV = PRESETS["dev"].scaled(0.01)  # same burst sizes, refill 100x faster

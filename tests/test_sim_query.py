@@ -10,10 +10,10 @@ import aiohttp
 import pytest
 
 from tests.simkit import SimHttp
-from worker import models, wire
+from worker.api import models, wire
+from worker.api.wire import Money
 from worker.sim import SimConfig, Simulator, serve
 from worker.sim.store import Transaction
-from worker.wire import Money
 
 BASE = datetime(2024, 3, 1, 8, 0, tzinfo=UTC)
 H = timedelta(hours=1)

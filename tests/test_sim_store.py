@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker import models, wire
+from worker.api import models, wire
+from worker.api.wire import Money
 from worker.processes import IllegalTransitionError
 from worker.sim.store import InvalidArgumentError, MissingResourceError, Store
-from worker.wire import Money
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 

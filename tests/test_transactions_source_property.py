@@ -20,13 +20,13 @@ from typing import Unpack
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from worker import wire
-from worker.client import TransactionFilters, encode_params, transaction_query_params
+from worker.api import wire
+from worker.api.client import TransactionFilters, encode_params, transaction_query_params
+from worker.api.models import Page, Transaction, parse_page
 from worker.events import TransitionEvent, event_key
-from worker.models import Page, Transaction, parse_page
+from worker.poll.sources.transactions import TransactionsSource
 from worker.sim import SimConfig, Simulator
 from worker.sim import query as simquery
-from worker.sources.transactions import TransactionsSource
 
 PER_PAGE = 5
 PAGE_CAP = 15

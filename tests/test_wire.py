@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.wire import (
+from worker.api.wire import (
     JSON_MIME,
     TRANSIT_MIME,
     Money,

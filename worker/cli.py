@@ -15,8 +15,8 @@ from datetime import datetime
 from typing import Any
 
 from worker import __version__
+from worker.api.wire import parse_time
 from worker.errors import ConfigError, FlexworkerError
-from worker.wire import parse_time
 
 __all__ = ["build_parser", "main"]
 
@@ -176,7 +176,7 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run_sim(args: argparse.Namespace) -> None:
-    from worker.ratelimit import PRESETS
+    from worker.api.ratelimit import PRESETS
     from worker.sim import FaultConfig, SimConfig, run_simulator
 
     config = SimConfig(
@@ -197,8 +197,8 @@ async def _run_sim(args: argparse.Namespace) -> None:
 
 
 async def _run_check() -> None:
-    from worker.client import IntegrationClient
-    from worker.logs import setup_logging
+    from worker.api.client import IntegrationClient
+    from worker.ops.logs import setup_logging
     from worker.settings import load_settings
 
     settings = load_settings()
@@ -215,7 +215,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from worker.demo import run_demo, summary
-    from worker.logs import setup_logging
+    from worker.ops.logs import setup_logging
 
     setup_logging("WARNING")
     console = Console()
@@ -246,7 +246,7 @@ async def _until_signalled(body: Callable[[asyncio.Event], Awaitable[None]]) -> 
 
 
 async def _run_service(args: argparse.Namespace) -> None:
-    from worker.logs import setup_logging
+    from worker.ops.logs import setup_logging
     from worker.registry import load_handlers
     from worker.service import run_poller, run_worker
     from worker.settings import load_settings
@@ -273,13 +273,13 @@ async def _run_service(args: argparse.Namespace) -> None:
 
 
 async def _run_inspect(args: argparse.Namespace) -> None:
-    from worker.cursor import CursorStore
     from worker.events import to_ms
-    from worker.logs import setup_logging
+    from worker.ops.logs import setup_logging
+    from worker.ops.status import read_status
+    from worker.poll.cursor import CursorStore
+    from worker.poll.sources.transactions import from_ms
     from worker.service import open_redis
     from worker.settings import load_settings
-    from worker.sources.transactions import from_ms
-    from worker.status import read_status
 
     settings = load_settings()
     # One-off commands print their answer; library chatter (arq's connection retries) stays out.
@@ -339,8 +339,8 @@ def _dlq_line(letter: Any) -> str:
 async def _run_dlq(args: argparse.Namespace) -> None:
     import json
 
-    from worker.dlq import DeadLetters, DlqFilter
-    from worker.logs import setup_logging
+    from worker.deliver.dlq import DeadLetters, DlqFilter
+    from worker.ops.logs import setup_logging
     from worker.service import open_redis
     from worker.settings import load_settings
 

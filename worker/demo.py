@@ -27,11 +27,11 @@ from rich.table import Table
 from handlers.jsonl import JsonlHandler, read_jsonl
 from handlers.log import LogHandler
 from worker.events import SourceName, event_key
-from worker.redis_server import RedisServer
+from worker.ops.redis_server import RedisServer
+from worker.ops.status import HandlerStats, read_handler_stats
 from worker.service import open_redis, run_poller, run_worker
 from worker.settings import Settings
 from worker.sim import SimConfig, Simulator, serve
-from worker.status import HandlerStats, read_handler_stats
 
 __all__ = ["DemoResult", "run_demo"]
 

@@ -14,7 +14,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
-from worker.models import Listing, Transaction, TransitionRecord, User
+from worker.api.models import Listing, Transaction, TransitionRecord, User
 
 __all__ = [
     "SourceName",

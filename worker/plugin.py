@@ -113,8 +113,8 @@ import aiohttp
 from pydantic_settings import BaseSettings
 from structlog.typing import FilteringBoundLogger
 
-from worker.backoff import Backoff
-from worker.client import IntegrationClient
+from worker.api.backoff import Backoff
+from worker.api.client import IntegrationClient
 from worker.errors import ConfigError, PermanentError, RetryLater, StepUncertainError
 from worker.events import TransitionEvent
 from worker.settings import Settings as FlexworkerSettings
@@ -217,7 +217,7 @@ class RetryPolicy:
 
     @property
     def backoff(self) -> Backoff:
-        """The schedule, as the shared :class:`~worker.backoff.Backoff` (no total-time budget)."""
+        """The schedule, as the shared :class:`~worker.api.backoff.Backoff` (no total-time budget)."""
         return Backoff(
             base_s=self.base_s, cap_s=self.cap_s, max_attempts=self.max_attempts, max_total_s=math.inf
         )
@@ -236,7 +236,7 @@ class RetryPolicy:
 
 
 class StepRunner(Protocol):
-    """What :meth:`HandlerContext.step` delegates to (``worker.idempotency`` implements it)."""
+    """What :meth:`HandlerContext.step` delegates to (``worker.deliver.idempotency`` implements it)."""
 
     async def run(
         self,

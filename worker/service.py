@@ -19,22 +19,22 @@ import redis
 import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
-from worker.client import IntegrationClient
-from worker.cursor import CursorStore
-from worker.delivery import Delivery
-from worker.dlq import init_sentry
+from worker.api.client import IntegrationClient
+from worker.api.models import Transaction
+from worker.deliver.delivery import Delivery
+from worker.deliver.dlq import init_sentry
+from worker.deliver.runner import build_worker
 from worker.errors import HandlerStartupError, StoreError
 from worker.events import SourceName
-from worker.lease import Lease
-from worker.models import Transaction
-from worker.poller import Poller
-from worker.queue import EventQueue
+from worker.poll.cursor import CursorStore
+from worker.poll.lease import Lease
+from worker.poll.poller import Poller
+from worker.poll.sources import Source
+from worker.poll.sources.events import EventsSource
+from worker.poll.sources.transactions import TransactionsSource
+from worker.queue.enqueue import EventQueue
 from worker.registry import LoadedHandler, activate, load_handlers
-from worker.runner import build_worker
 from worker.settings import Settings
-from worker.sources import Source
-from worker.sources.events import EventsSource
-from worker.sources.transactions import TransactionsSource
 
 __all__ = ["build_poller", "open_redis", "poller_lease", "run_poller", "run_worker", "started_handlers"]
 

@@ -2,7 +2,7 @@
 
 Enable with ``pytest_plugins = ["worker.testing"]`` in a ``conftest.py``.
 
-- ``redis_server``: a private :class:`~worker.redis_server.RedisServer` (persistent,
+- ``redis_server``: a private :class:`~worker.ops.redis_server.RedisServer` (persistent,
   so tests can kill and restart it) on a free port, removed afterwards.
 - ``redis_url``: its URL.
 - ``arq_redis``: an :class:`arq.connections.ArqRedis` pool on it.
@@ -30,10 +30,10 @@ import pytest
 import pytest_asyncio
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
+from worker.api.models import Listing, Transaction, User
 from worker.events import TransitionEvent, events_from_transaction
-from worker.models import Listing, Transaction, User
+from worker.ops.redis_server import RedisServer
 from worker.processes import INITIAL_STATE, Process, get_process
-from worker.redis_server import RedisServer
 from worker.sim import SimConfig, Simulator, serve
 from worker.trial import Deliver, DeliveryOutcome
 

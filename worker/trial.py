@@ -25,12 +25,12 @@ from typing import Any, Literal
 
 from arq.connections import RedisSettings, create_pool
 
-from worker.dlq import DeadLetter, DeadLetters, dead_letter_id
+from worker.deliver.dlq import DeadLetter, DeadLetters, dead_letter_id
+from worker.deliver.idempotency import DeliveryRecords
 from worker.events import TransitionEvent
-from worker.idempotency import DeliveryRecords
-from worker.keys import Keys
-from worker.ordering import HANDLER_JOB_FUNCTION, Ordering, QueuedJob, handler_job_id
 from worker.plugin import HandlerSpec
+from worker.queue.keys import Keys
+from worker.queue.ordering import HANDLER_JOB_FUNCTION, Ordering, QueuedJob, handler_job_id
 from worker.registry import LoadedHandler, activate
 from worker.service import run_worker
 from worker.settings import Settings

@@ -43,7 +43,7 @@ from typing import Any
 
 from aiohttp import web
 
-from worker.ratelimit import PRESETS, RateLimits
+from worker.api.ratelimit import PRESETS, RateLimits
 from worker.sim.app import TokenAuthority, create_app
 from worker.sim.faults import FaultConfig, FaultInjector, RateLimiter, SimStats
 from worker.sim.query import DEFAULT_PAGE_CAP

@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from worker.api.ratelimit import PRESETS, RateLimits
+from worker.api.wire import JSON_MIME, TRANSIT_MIME, Money, WireFormatError, decode, encode, parse_time
 from worker.errors import ConfigError
 from worker.processes import IllegalTransitionError, UnknownProcessError
-from worker.ratelimit import PRESETS, RateLimits
 from worker.sim import query
 from worker.sim.envelope import answer, error_response
 from worker.sim.query import ParamError, View
 from worker.sim.store import Clock, Entity, InvalidArgumentError, MissingResourceError
-from worker.wire import JSON_MIME, TRANSIT_MIME, Money, WireFormatError, decode, encode, parse_time
 
 if TYPE_CHECKING:
     from worker.sim import Simulator

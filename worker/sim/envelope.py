@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from worker.wire import JSON_MIME, TRANSIT_MIME, encode
+from worker.api.wire import JSON_MIME, TRANSIT_MIME, encode
 
 __all__ = ["TITLES", "answer", "error_response", "error_tree", "response_mime"]
 

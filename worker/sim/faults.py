@@ -31,10 +31,10 @@ from typing import Any
 
 from aiohttp import web
 
+from worker.api.ratelimit import RateLimits, TokenBucket
+from worker.api.wire import JSON_MIME, encode
 from worker.errors import ConfigError
-from worker.ratelimit import RateLimits, TokenBucket
 from worker.sim.envelope import error_response, error_tree
-from worker.wire import JSON_MIME, encode
 
 __all__ = [
     "API_PREFIX",

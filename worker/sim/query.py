@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from worker.api.wire import parse_time
 from worker.sim.store import Entity, Event, Store, Transaction, ref_tree
-from worker.wire import parse_time
 
 __all__ = [
     "DEFAULT_PAGE_CAP",

@@ -2,7 +2,7 @@
 
 Each entity renders itself as a tree (``id``, ``type``, ``attributes``, optionally
 ``relationships``) whose leaves may be ``UUID``, ``datetime`` and
-:class:`worker.wire.Money`, ready for :func:`worker.wire.encode` in either format.
+:class:`worker.api.wire.Money`, ready for :func:`worker.api.wire.encode` in either format.
 Attribute containers are always fresh copies, so callers may trim or keep them.
 The :class:`~worker.sim.store.Store` owns and mutates these objects.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
+from worker.api.wire import Money
 from worker.processes import INITIAL_STATE, Process
-from worker.wire import Money
 
 __all__ = [
     "BOOKING_STATE",

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from worker.api.wire import Money
 from worker.errors import FlexworkerError
 from worker.processes import IllegalTransitionError, Transition, get_process
 from worker.sim.resources import (
@@ -41,7 +42,6 @@ from worker.sim.resources import (
     copy_tree,
     ref_tree,
 )
-from worker.wire import Money
 
 __all__ = [
     "COMMISSION_PERCENT",

@@ -20,8 +20,8 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from arq.worker import Retry, Worker, func
 
-from worker.delivery import Delivery
-from worker.ordering import EVENT_JOB_FUNCTION, HANDLER_JOB_FUNCTION, JOB_EXPIRY_S, ORDER_PARK_S
+from worker.deliver.delivery import Delivery
+from worker.queue.ordering import EVENT_JOB_FUNCTION, HANDLER_JOB_FUNCTION, JOB_EXPIRY_S, ORDER_PARK_S
 from worker.settings import Settings
 
 __all__ = ["ARQ_MAX_TRIES", "KEEP_RESULT_S", "build_worker", "handle_event", "run_handler"]

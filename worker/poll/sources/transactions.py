@@ -51,11 +51,11 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, Unpack
 
-from worker.client import TransactionFilters
+from worker.api.client import TransactionFilters
+from worker.api.models import Page, Transaction
 from worker.errors import FlexworkerError
 from worker.events import SourceName, TransitionEvent, events_from_transaction, to_ms
-from worker.models import Page, Transaction
-from worker.sources import CycleReport, Emit
+from worker.poll.sources import CycleReport, Emit
 
 __all__ = ["TransactionPages", "TransactionsSource", "from_ms"]
 
@@ -69,7 +69,7 @@ def from_ms(at_ms: int) -> datetime:
 
 
 class TransactionPages(Protocol):
-    """The part of :class:`~worker.client.IntegrationClient` this source uses."""
+    """The part of :class:`~worker.api.client.IntegrationClient` this source uses."""
 
     async def transactions_query(
         self,

@@ -7,9 +7,9 @@ completed cycle reports, through a lease-guarded write, so a cycle that fails ha
 way leaves the cursor where it was and the next one reads the same ground again
 (the queue drops what it already has).
 
-- :mod:`worker.sources.transactions` — ``transactions/query`` with a watermark on
+- :mod:`worker.poll.sources.transactions` — ``transactions/query`` with a watermark on
   ``lastTransitionedAt`` (the default).
-- :mod:`worker.sources.events` — ``events/query`` with a cursor on ``sequenceId``.
+- :mod:`worker.poll.sources.events` — ``events/query`` with a cursor on ``sequenceId``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ marking first could lose the event.
 
 Each job is written together with the event's entry in its transaction's
 event-level pending set, in one script, so that handlers get a transaction's
-events in order (see :mod:`worker.ordering`).
+events in order (see :mod:`worker.queue.ordering`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from arq.connections import ArqRedis
 
 from worker.events import TransitionEvent
-from worker.keys import Keys
-from worker.ordering import EVENT_JOB_FUNCTION, Ordering, QueuedJob
+from worker.queue.keys import Keys
+from worker.queue.ordering import EVENT_JOB_FUNCTION, Ordering, QueuedJob
 
 __all__ = ["JOB_FUNCTION", "EventQueue"]
 

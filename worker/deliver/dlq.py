@@ -32,12 +32,12 @@ from pydantic import BaseModel
 from redis.asyncio.client import Pipeline
 
 from worker import __version__
+from worker.deliver.failures import ErrorRecord
+from worker.deliver.idempotency import DeliveryRecords
 from worker.errors import ConfigError
 from worker.events import TransitionEvent
-from worker.failures import ErrorRecord
-from worker.idempotency import DeliveryRecords
-from worker.keys import Keys
-from worker.ordering import HANDLER_JOB_FUNCTION, ORDER_PARK_S, Ordering, QueuedJob, handler_job_id
+from worker.queue.keys import Keys
+from worker.queue.ordering import HANDLER_JOB_FUNCTION, ORDER_PARK_S, Ordering, QueuedJob, handler_job_id
 from worker.settings import Settings
 
 __all__ = ["DeadLetter", "DeadLetters", "DlqFilter", "dead_letter_id", "init_sentry", "report"]

@@ -10,7 +10,7 @@ following the official SDK: one refresh-token grant, then (if that grant is refu
 one client-credentials grant, then the caller gives up. Rejected client credentials
 raise :class:`~worker.errors.AuthError` at once: a wrong secret never becomes right by
 retrying. Transient failures of the token endpoint itself (429, 5xx, connection
-errors) are retried with the :class:`~worker.backoff.Backoff` policy.
+errors) are retried with the :class:`~worker.api.backoff.Backoff` policy.
 
 All renewals go through one lock, so any number of concurrent callers cause one token
 request. The client secret and the tokens never appear in reprs, logs or exception
@@ -32,7 +32,9 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import SecretStr
 
-from worker.backoff import Backoff, parse_retry_after
+from worker.api.backoff import Backoff, parse_retry_after
+from worker.api.models import parse_error_details
+from worker.api.wire import JSON_MIME
 from worker.errors import (
     ApiConnectError,
     ApiError,
@@ -45,8 +47,6 @@ from worker.errors import (
     TransportError,
     status_error,
 )
-from worker.models import parse_error_details
-from worker.wire import JSON_MIME
 
 __all__ = ["TOKEN_PATH", "Grant", "TokenManager"]
 

@@ -18,7 +18,7 @@ import aiohttp
 import pydantic
 from pydantic import BaseModel
 
-from worker.backoff import parse_retry_after
+from worker.api.backoff import parse_retry_after
 from worker.errors import (
     HTTPStatusError,
     PermanentError,

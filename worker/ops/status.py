@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 
-from worker.cursor import CursorStore
-from worker.keys import Keys
+from worker.poll.cursor import CursorStore
+from worker.poll.sources.transactions import from_ms
+from worker.queue.keys import Keys
 from worker.settings import Settings
-from worker.sources.transactions import from_ms
 
 __all__ = ["HandlerStats", "Status", "read_handler_stats", "read_status"]
 

@@ -52,7 +52,7 @@ from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio.client import Pipeline
 
-from worker.keys import Keys
+from worker.queue.keys import Keys
 
 __all__ = [
     "EVENT_JOB_FUNCTION",
@@ -76,7 +76,7 @@ ORDER_PARK_S = 5.0
 #: arq's default: a job not started within a day of when it was due is dropped (we refresh it).
 JOB_EXPIRY_S = expires_extra_ms / 1000
 
-#: Lua functions shared by the scripts here and in :mod:`worker.idempotency`.
+#: Lua functions shared by the scripts here and in :mod:`worker.deliver.idempotency`.
 ORDER_LUA = """
 -- The score a job woken or queued by job `own` gets: own's, when it is older than now.
 local function base_score(queue, own, now)
@@ -187,7 +187,7 @@ class QueuedJob:
 class Ordering:
     """Enqueue jobs with their pending entries; release an entry when its job settles.
 
-    Whether a job may run yet is asked in :meth:`worker.idempotency.DeliveryRecords.claim`,
+    Whether a job may run yet is asked in :meth:`worker.deliver.idempotency.DeliveryRecords.claim`,
     with :data:`ORDER_LUA`'s ``first_blocker``, in the same script as the claim.
     """
 

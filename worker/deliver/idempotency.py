@@ -1,7 +1,7 @@
 """Each handler acts on each event once: delivery records, claims and recorded steps.
 
 One hash per (handler, event key), ``P:delivery:<handler>:<event key>``, holds the
-delivery's state (see :mod:`worker.keys`):
+delivery's state (see :mod:`worker.queue.keys`):
 
 - a **claim** (``P:claim:...``, a token with a lease) while an attempt runs. The
   lease is the handler's timeout plus :data:`LEASE_MARGIN_S`, and the attempt is
@@ -31,10 +31,10 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from redis.asyncio.client import Pipeline
 
+from worker.deliver.failures import ErrorRecord
 from worker.errors import PermanentError, StepUncertainError
-from worker.failures import ErrorRecord
-from worker.keys import Keys
-from worker.ordering import ORDER_LUA, ORDER_PARK_S, now_ms
+from worker.queue.keys import Keys
+from worker.queue.ordering import ORDER_LUA, ORDER_PARK_S, now_ms
 
 __all__ = ["LEASE_MARGIN_S", "Claim", "DeliveryRecord", "DeliveryRecords", "RecordedSteps"]
 
@@ -181,7 +181,7 @@ class DeliveryRecords:
         """Claim the next attempt unless the delivery is settled, blocked, or another job holds it.
 
         The claim's token is the job id. ``wait_for`` are pending sets
-        (:mod:`worker.ordering`): a live entry below ``index`` in any of them means
+        (:mod:`worker.queue.ordering`): a live entry below ``index`` in any of them means
         an earlier event goes first, and the job is parked in ``queue_name``
         ("blocked": re-run it without a delay of its own; it is woken).
         """

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import redis
 import structlog
 
-from worker.backoff import Backoff
-from worker.cursor import CursorStore
+from worker.api.backoff import Backoff
 from worker.errors import FlexworkerError, StoreError
 from worker.events import TransitionEvent
-from worker.lease import Lease
-from worker.queue import EventQueue
-from worker.sources import CycleReport, Source
+from worker.poll.cursor import CursorStore
+from worker.poll.lease import Lease
+from worker.poll.sources import CycleReport, Source
+from worker.queue.enqueue import EventQueue
 
 __all__ = ["LeaseHeldError", "LeaseLostError", "PollStats", "Poller"]
 

@@ -7,13 +7,13 @@ re-runs another. :meth:`Delivery.deliver` runs one such job:
 1. A delivery already settled (done, or dead-lettered) is a no-op.
 2. If an earlier event of the transaction is still to be delivered to this handler,
    the job is parked until that one settles, without using an attempt
-   (:mod:`worker.ordering`).
-3. Claim the attempt (:mod:`worker.idempotency`); if another job holds a live claim
+   (:mod:`worker.queue.ordering`).
+3. Claim the attempt (:mod:`worker.deliver.idempotency`); if another job holds a live claim
    on the same delivery, re-defer until the claim ends. Steps 1-3 are one script.
 4. Run the handler under ``asyncio.timeout(retry.timeout_s)``.
 5. Success: mark done. Transient failure: record the error and re-defer by the
    handler's backoff; on the last attempt, or for a permanent failure, dead-letter
-   (:mod:`worker.dlq`). Each of these settles in one Redis transaction together with
+   (:mod:`worker.deliver.dlq`). Each of these settles in one Redis transaction together with
    the pending entry's removal and the handler's counters.
 
 Attempts are counted in the delivery record, not by arq's ``job_try``: waiting for
@@ -39,14 +39,14 @@ import aiohttp
 import structlog
 from arq.connections import ArqRedis
 
-from worker.client import IntegrationClient
-from worker.dlq import DeadLetter, DeadLetters, report
+from worker.api.client import IntegrationClient
+from worker.deliver.dlq import DeadLetter, DeadLetters, report
+from worker.deliver.failures import ErrorRecord, classify, describe
+from worker.deliver.idempotency import LEASE_MARGIN_S, DeliveryRecords
 from worker.events import TransitionEvent
-from worker.failures import ErrorRecord, classify, describe
-from worker.idempotency import LEASE_MARGIN_S, DeliveryRecords
-from worker.keys import Keys
-from worker.ordering import HANDLER_JOB_FUNCTION, ORDER_PARK_S, Ordering, QueuedJob, handler_job_id
 from worker.plugin import HandlerContext, RetryPolicy
+from worker.queue.keys import Keys
+from worker.queue.ordering import HANDLER_JOB_FUNCTION, ORDER_PARK_S, Ordering, QueuedJob, handler_job_id
 from worker.registry import LoadedHandler
 from worker.settings import Settings
 

@@ -23,9 +23,9 @@ from uuid import UUID
 
 import structlog
 
+from worker.api.models import Event, Page, Transaction
 from worker.events import SourceName, TransitionEvent, event_from_api_event
-from worker.models import Event, Page, Transaction
-from worker.sources import CycleReport, Emit
+from worker.poll.sources import CycleReport, Emit
 
 __all__ = ["EVENT_TYPES", "EventPages", "EventsSource", "FetchRelated"]
 
@@ -39,7 +39,7 @@ FetchRelated = Callable[[UUID], Awaitable[Transaction]]
 
 
 class EventPages(Protocol):
-    """The part of :class:`~worker.client.IntegrationClient` this source uses."""
+    """The part of :class:`~worker.api.client.IntegrationClient` this source uses."""
 
     async def events_query(
         self,

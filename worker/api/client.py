@@ -2,10 +2,10 @@
 
 Every call goes ``{base}/v1/integration_api/{resource}/{action}``: GETs are queries,
 POSTs are commands. Before *every* attempt a call takes a token from the matching
-client-side bucket (:mod:`worker.ratelimit`), so retries are paced like first tries,
-then a bearer token from :class:`~worker.auth.TokenManager`.
+client-side bucket (:mod:`worker.api.ratelimit`), so retries are paced like first tries,
+then a bearer token from :class:`~worker.api.auth.TokenManager`.
 
-Retry decisions (transient failures, paced by :class:`~worker.backoff.Backoff` with
+Retry decisions (transient failures, paced by :class:`~worker.api.backoff.Backoff` with
 full jitter; ``Retry-After`` is honoured as a minimum wait):
 
 - **Queries** are safe to repeat, so they retry 408, 429, 500, 502, 503 and 504,
@@ -48,22 +48,10 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from pydantic import SecretStr
 
-from worker import wire
-from worker.auth import Grant, TokenManager
-from worker.backoff import Backoff, parse_retry_after
-from worker.errors import (
-    ApiConnectError,
-    ApiError,
-    ApiErrorDetail,
-    ApiTimeoutError,
-    AuthError,
-    ConfigError,
-    DecodeError,
-    RequestInfo,
-    TransportError,
-    status_error,
-)
-from worker.models import (
+from worker.api import wire
+from worker.api.auth import Grant, TokenManager
+from worker.api.backoff import Backoff, parse_retry_after
+from worker.api.models import (
     Event,
     Listing,
     Marketplace,
@@ -76,7 +64,19 @@ from worker.models import (
     parse_error_details,
     parse_page,
 )
-from worker.ratelimit import RateLimits, TokenBucket, preset
+from worker.api.ratelimit import RateLimits, TokenBucket, preset
+from worker.errors import (
+    ApiConnectError,
+    ApiError,
+    ApiErrorDetail,
+    ApiTimeoutError,
+    AuthError,
+    ConfigError,
+    DecodeError,
+    RequestInfo,
+    TransportError,
+    status_error,
+)
 
 __all__ = [
     "API_PREFIX",
