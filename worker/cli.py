@@ -273,11 +273,10 @@ async def _run_service(args: argparse.Namespace) -> None:
 
 
 async def _run_inspect(args: argparse.Namespace) -> None:
-    from worker.events import to_ms
+    from worker.events import from_ms, to_ms
     from worker.ops.logs import setup_logging
     from worker.ops.status import read_status
     from worker.poll.cursor import CursorStore
-    from worker.poll.sources.transactions import from_ms
     from worker.service import open_redis
     from worker.settings import load_settings
 

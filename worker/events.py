@@ -22,6 +22,7 @@ __all__ = [
     "event_from_api_event",
     "event_key",
     "events_from_transaction",
+    "from_ms",
     "to_ms",
 ]
 
@@ -34,6 +35,11 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def to_ms(at: datetime) -> int:
     """Milliseconds since the epoch, the API's time resolution (integer maths: floats drift)."""
     return (at - _EPOCH) // timedelta(milliseconds=1)
+
+
+def from_ms(at_ms: int) -> datetime:
+    """The aware UTC time ``at_ms`` milliseconds after the epoch (the inverse of :func:`to_ms`)."""
+    return _EPOCH + at_ms * timedelta(milliseconds=1)
 
 
 def event_key(transaction_id: UUID, transition: str, at: datetime) -> str:

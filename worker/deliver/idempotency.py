@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from arq.connections import ArqRedis
@@ -33,6 +33,7 @@ from redis.asyncio.client import Pipeline
 
 from worker.deliver.failures import ErrorRecord
 from worker.errors import PermanentError, StepUncertainError
+from worker.events import from_ms
 from worker.queue.keys import Keys
 from worker.queue.ordering import ORDER_LUA, ORDER_PARK_S, now_ms
 
@@ -141,7 +142,7 @@ class DeliveryRecord:
 
 
 def _from_ms(value: bytes | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+    return None if value is None else from_ms(int(value))
 
 
 class DeliveryRecords:

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 
+from worker.events import from_ms
 from worker.poll.cursor import CursorStore
-from worker.poll.sources.transactions import from_ms
 from worker.queue.keys import Keys
 from worker.settings import Settings
 

@@ -54,18 +54,14 @@ from typing import Protocol, Unpack
 from worker.api.client import TransactionFilters
 from worker.api.models import Page, Transaction
 from worker.errors import FlexworkerError
-from worker.events import SourceName, TransitionEvent, events_from_transaction, to_ms
+from worker.events import SourceName, TransitionEvent, events_from_transaction, from_ms, to_ms
 from worker.poll.sources import CycleReport, Emit
 
-__all__ = ["TransactionPages", "TransactionsSource", "from_ms"]
+__all__ = ["TransactionPages", "TransactionsSource"]
 
 ONE_MS = timedelta(milliseconds=1)
 #: How far behind the threshold a transaction's history is emitted (see the module docstring).
 HISTORY_WINDOW = timedelta(hours=1)
-
-
-def from_ms(at_ms: int) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=UTC) + at_ms * ONE_MS
 
 
 class TransactionPages(Protocol):
