@@ -33,6 +33,7 @@ from worker.poll.sources import Source
 from worker.poll.sources.events import EventsSource
 from worker.poll.sources.transactions import TransactionsSource
 from worker.queue.enqueue import EventQueue
+from worker.queue.keys import Keys
 from worker.registry import LoadedHandler, activate, load_handlers
 from worker.settings import Settings
 
@@ -60,7 +61,7 @@ async def open_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
 
 
 def poller_lease(settings: Settings, redis_pool: ArqRedis) -> Lease:
-    return Lease(redis_pool, f"{settings.redis_prefix}:lease:poller", ttl_s=settings.lease_ttl_s)
+    return Lease(redis_pool, Keys(settings.redis_prefix).poller_lease, ttl_s=settings.lease_ttl_s)
 
 
 def build_poller(

@@ -89,7 +89,7 @@ async def read_status(settings: Settings, redis: ArqRedis) -> Status:
     in_progress = 0
     async for _ in redis.scan_iter(match=in_progress_key_prefix + "*", count=1000):
         in_progress += 1
-    holder = await redis.get(f"{settings.redis_prefix}:lease:poller")
+    holder = await redis.get(Keys(settings.redis_prefix).poller_lease)
     return Status(
         namespace=settings.namespace,
         watermark=None if watermark_ms is None else from_ms(watermark_ms),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from worker.events import SourceName
+from worker.queue.keys import Keys
 
 __all__ = ["CursorStore"]
 
@@ -29,13 +30,13 @@ class CursorStore:
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
-        self._prefix = prefix
+        self._keys = Keys(prefix)
 
     def key(self, source: SourceName) -> str:
-        return f"{self._prefix}:cursor:{source}"
+        return self._keys.cursor(source)
 
     def floor_key(self, source: SourceName) -> str:
-        return f"{self._prefix}:cursor:{source}:floor"
+        return self._keys.cursor_floor(source)
 
     async def get_floor(self, source: SourceName) -> int | None:
         """The start floor the source fixed when it began (see the transactions source)."""

@@ -1,8 +1,14 @@
-"""Where the delivery core keeps its state in Redis, in one place.
+"""Where the service keeps its state in Redis, in one place.
 
 Every key is under the namespace prefix ``P = flexworker:<namespace>``:
 
 =================================  ======  ==========================================================
+``P:cursor:<source>``              string  where the source left off: watermark (ms) or sequence id
+                                           (:mod:`worker.poll.cursor`)
+``P:cursor:<source>:floor``        string  the start floor the source fixed when it began (ms)
+``P:lease:poller``                 string  the polling replica's fencing token, with a TTL
+                                           (:mod:`worker.poll.lease`)
+``P:lease:poller:fence``           string  the fencing token counter (``INCR``)
 ``P:seen:<event key>``             string  the queue saw this event (``FLEXWORKER_SEEN_RETENTION_S``)
 ``P:order:<transaction id>``       zset    events queued but not yet fanned out: job id (= event
                                            key) scored by transition index; expires with the seen
@@ -21,6 +27,11 @@ Every key is under the namespace prefix ``P = flexworker:<namespace>``:
 ``P:dlq:index``                    zset    dead letter id scored by dead-lettered time (ms)
 =================================  ======  ==========================================================
 
+Who writes them: cursors and the lease, :mod:`worker.poll`; seen, order and pending,
+:mod:`worker.queue.enqueue` and :mod:`worker.queue.ordering`; delivery records and
+claims, :mod:`worker.deliver.idempotency`; counters, :mod:`worker.deliver.delivery`;
+dead letters, :mod:`worker.deliver.dlq`.
+
 arq's own keys (``arq:job:<id>``, ``arq:result:<id>``, the queue ``P:queue``) are
 arq's; the delivery core only writes them in arq's format when it enqueues.
 """
@@ -37,6 +48,16 @@ class Keys:
     """The key names of one namespace."""
 
     prefix: str
+
+    def cursor(self, source: str) -> str:
+        return f"{self.prefix}:cursor:{source}"
+
+    def cursor_floor(self, source: str) -> str:
+        return f"{self.prefix}:cursor:{source}:floor"
+
+    @property
+    def poller_lease(self) -> str:
+        return f"{self.prefix}:lease:poller"
 
     def seen(self, event_key: str) -> str:
         return f"{self.prefix}:seen:{event_key}"
