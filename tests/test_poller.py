@@ -9,13 +9,15 @@ from uuid import UUID
 import pytest
 from arq.connections import ArqRedis
 
+from tests.memory_sink import MemorySink
 from worker.api.models import Event, Page, PageMeta, Transaction
 from worker.errors import ServerError
 from worker.events import SourceName, TransitionEvent, events_from_transaction
-from worker.poll.cursor import CursorStore
+from worker.poll.cursor import CursorStore, SourceState
 from worker.poll.lease import Lease
 from worker.poll.poller import LeaseHeldError, LeaseLostError, Poller
-from worker.poll.sources import CycleReport, Emit
+from worker.poll.skipped import SkippedItems
+from worker.poll.sources import CycleReport, Sink
 from worker.poll.sources.events import EventsSource
 from worker.queue.enqueue import EventQueue
 
@@ -58,21 +60,25 @@ class ScriptedSource:
         self.fail = fail
         self.seen_cursors: list[int | None] = []
 
-    async def cycle(self, cursor: int | None, emit: Emit, *, floor: int | None = None) -> CycleReport:
-        self.seen_cursors.append(cursor)
+    async def cycle(self, state: SourceState, sink: Sink) -> CycleReport:
+        self.seen_cursors.append(state.cursor)
         new = 0
         for batch in self.batches:
-            new += await emit(batch)
+            new += await sink.emit(batch)
         if self.fail:
             raise ServerError("Integration API answered 503", status=503)
-        return CycleReport(cursor=self.cursor, events=new, pages=len(self.batches), floor=self.cursor - 1000)
+        await sink.save(cursor=self.cursor, floor=self.cursor - 1000 if state.floor is None else None)
+        return CycleReport(cursor=self.cursor, events=new, pages=len(self.batches))
 
 
-def make_poller(redis: ArqRedis, source: ScriptedSource) -> tuple[Poller, EventQueue, CursorStore]:
+def make_poller(
+    redis: ArqRedis, source: ScriptedSource, *, lease_ttl_s: float = 10
+) -> tuple[Poller, EventQueue, CursorStore]:
     queue = EventQueue(redis, prefix="p", queue_name="p:queue", seen_retention_s=3600)
     cursors = CursorStore(redis, "p")
-    lease = Lease(redis, "p:lease:poller", ttl_s=10)
-    return Poller(source, queue, cursors, lease, idle_interval_s=0.01), queue, cursors
+    lease = Lease(redis, "p:lease:poller", ttl_s=lease_ttl_s)
+    skipped = SkippedItems(redis, "p", retention_s=3600, clock=lambda: 0)
+    return Poller(source, queue, cursors, lease, idle_interval_s=0.01, skipped=skipped), queue, cursors
 
 
 async def test_failed_cycle_keeps_cursor_but_keeps_what_it_queued(arq_redis: ArqRedis) -> None:
@@ -96,13 +102,38 @@ async def test_failed_cycle_keeps_cursor_but_keeps_what_it_queued(arq_redis: Arq
 
 
 async def test_poll_once_refuses_while_another_poller_holds_the_lease(arq_redis: ArqRedis) -> None:
-    holder = Lease(arq_redis, "p:lease:poller", ttl_s=10)
+    holder = Lease(arq_redis, "p:lease:poller", ttl_s=0.6)
     assert await holder.acquire()
-    poller, _, cursors = make_poller(arq_redis, ScriptedSource([some_events(1)], cursor=9_000))
-    with pytest.raises(LeaseHeldError):
-        await poller.run_once()
+    stop = asyncio.Event()
+
+    async def keep_renewing() -> None:  # a live poller
+        while not stop.is_set():
+            assert await holder.renew()
+            await asyncio.sleep(0.1)
+
+    renewer = asyncio.create_task(keep_renewing())
+    poller, _, cursors = make_poller(
+        arq_redis, ScriptedSource([some_events(1)], cursor=9_000), lease_ttl_s=0.6
+    )
+    try:
+        with pytest.raises(LeaseHeldError):
+            await poller.run_once()
+    finally:
+        stop.set()
+        await renewer
     assert await arq_redis.zcard("p:queue") == 0
     assert await cursors.get("transactions") is None
+
+
+async def test_poll_once_waits_out_the_lease_of_a_run_that_died(arq_redis: ArqRedis) -> None:
+    dead = Lease(arq_redis, "p:lease:poller", ttl_s=0.5)
+    assert await dead.acquire()  # and never renewed: the run was SIGKILLed
+    poller, _, cursors = make_poller(
+        arq_redis, ScriptedSource([some_events(1)], cursor=9_000), lease_ttl_s=0.5
+    )
+    report = await poller.run_once()
+    assert report.complete
+    assert await cursors.get("transactions") == 9_000
 
 
 async def test_lease_lost_mid_cycle_leaves_cursor(arq_redis: ArqRedis) -> None:
@@ -183,7 +214,9 @@ async def test_events_source_skips_unknown_types_and_keys_like_the_transactions_
         return len(events)
 
     source = EventsSource(api, start_at=T0)
-    report = await source.cycle(None, emit)  # type: ignore[arg-type]
+    sink = MemorySink()
+    sink.emit = emit  # type: ignore[method-assign]
+    report = await source.cycle(sink.state, sink)
     assert [e.transition for e in emitted] == [
         "transition/inquire",
         "transition/request-payment-after-inquiry",
@@ -195,6 +228,7 @@ async def test_events_source_skips_unknown_types_and_keys_like_the_transactions_
     assert api.calls[0]["created_at_start"] == T0
     assert api.calls[0]["start_after_sequence_id"] is None
     # Next cycle resumes after the last sequence id, not from the start time.
-    await source.cycle(report.cursor, emit)  # type: ignore[arg-type]
+    assert sink.state.cursor == report.cursor
+    await source.cycle(sink.state, sink)
     assert api.calls[1]["start_after_sequence_id"] == 10
     assert api.calls[1]["created_at_start"] is None

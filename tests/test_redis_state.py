@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+import pytest
 from arq.connections import ArqRedis
 
 from worker.api.models import Transaction
+from worker.errors import CursorChangedError, LeaseLostError
 from worker.events import TransitionEvent, events_from_transaction
 from worker.poll.cursor import CursorStore
 from worker.poll.lease import Lease
@@ -78,12 +80,40 @@ async def test_cursor_writes_are_guarded_by_the_lease(arq_redis: ArqRedis) -> No
     assert await cursors.get("transactions") is None
     assert await lease.acquire()
     assert lease.token is not None
-    assert await cursors.set_guarded("transactions", 1000, lease_key=lease.key, token=lease.token)
+    await cursors.save("transactions", cursor=1000, lease_key=lease.key, token=lease.token, generation=0)
     assert await cursors.get("transactions") == 1000
-    assert not await cursors.set_guarded("transactions", 2000, lease_key=lease.key, token=lease.token + 1)
+    with pytest.raises(LeaseLostError):
+        await cursors.save(
+            "transactions", cursor=2000, lease_key=lease.key, token=lease.token + 1, generation=0
+        )
     assert await cursors.get("transactions") == 1000
     await cursors.set("events", 42)
     assert await cursors.get("events") == 42
+
+
+async def test_an_operator_write_wins_over_a_cycle_in_flight(arq_redis: ArqRedis) -> None:
+    cursors = CursorStore(arq_redis, "t")
+    lease = Lease(arq_redis, "t:lease", ttl_s=30)
+    assert await lease.acquire()
+    assert lease.token is not None
+    state = await cursors.load("transactions")
+    await cursors.save(
+        "transactions",
+        cursor=5000,
+        floor=4000,
+        fields={"resume": "{}", "previous": "4500"},
+        lease_key=lease.key,
+        token=lease.token,
+        generation=state.generation,
+    )
+    await cursors.set("transactions", 1000)  # the operator rewinds mid-cycle
+    with pytest.raises(CursorChangedError):
+        await cursors.save(
+            "transactions", cursor=9000, lease_key=lease.key, token=lease.token, generation=state.generation
+        )
+    rewound = await cursors.load("transactions")
+    assert (rewound.cursor, rewound.floor, rewound.previous, rewound.resume) == (1000, None, None, None)
+    assert rewound.generation == state.generation + 1
 
 
 async def test_queue_enqueues_each_event_once(arq_redis: ArqRedis) -> None:

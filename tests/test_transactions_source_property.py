@@ -20,10 +20,12 @@ from typing import Unpack
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.memory_sink import Crash, MemorySink
 from worker.api import wire
 from worker.api.client import TransactionFilters, encode_params, transaction_query_params
 from worker.api.models import Page, Transaction, parse_page
-from worker.events import TransitionEvent, event_key
+from worker.events import event_key
+from worker.poll.sources import CycleStopped
 from worker.poll.sources.transactions import TransactionsSource
 from worker.sim import SimConfig, Simulator
 from worker.sim import query as simquery
@@ -73,44 +75,65 @@ class InterleavingApi:
 
 
 async def deliver_all(
-    sim: Simulator, clock: ManualClock, schedule: list[tuple[int, int]], since: datetime
+    sim: Simulator,
+    clock: ManualClock,
+    schedule: list[tuple[int, int]],
+    since: datetime,
+    *,
+    cuts: Sequence[int] = (),
+    downtimes: Sequence[Sequence[tuple[int, int]]] = (),
 ) -> tuple[list[str], int]:
+    """Cycle until quiet, each cycle with a fresh source (a new process, as for a CronJob).
+
+    ``cuts``: per cycle, the save after which it dies (odd) or stops at its deadline
+    (even); 0 lets it finish. ``downtimes``: per cycle, traffic made while no poller
+    runs before it (clock steps and transitions).
+    """
     api = InterleavingApi(sim, clock, schedule)
-    source = TransactionsSource(
-        api, lookback_s=LOOKBACK_S, start_at=since, per_page=PER_PAGE, page_cap=PAGE_CAP, clock=clock
-    )
-    seen: set[str] = set()
-    delivered: list[str] = []
-
-    async def emit(events: Sequence[TransitionEvent]) -> int:
-        # What the queue does: skip keys it has seen, keep the order.
-        fresh = [e.key for e in events if e.key not in seen]
-        seen.update(fresh)
-        delivered.extend(fresh)
-        return len(fresh)
-
-    cursor: int | None = None
-    floor: int | None = None
+    sink = MemorySink()
+    cut_plan, down_plan = list(cuts), list(downtimes)
     quiet_cycles = 0
     while quiet_cycles < 2:
+        for advance_ms, transitions in down_plan.pop(0) if down_plan else ():
+            clock.advance(advance_ms)
+            sim.traffic.step(transitions)
         busy = bool(api.schedule)
         clock.advance(100)  # the idle interval between cycles
-        report = await source.cycle(cursor, emit, floor=floor)
-        cursor = report.cursor
-        floor = floor if report.floor is None else report.floor
-        quiet_cycles = 0 if busy else quiet_cycles + 1
-    return delivered, api.reads
+        source = TransactionsSource(
+            api, lookback_s=LOOKBACK_S, start_at=since, per_page=PER_PAGE, page_cap=PAGE_CAP, clock=clock
+        )
+        cut = cut_plan.pop(0) if cut_plan else 0
+        if cut:
+            if cut % 2:
+                sink.crash_at_save = sink.saves + cut
+            else:
+                sink.stop_at_save = sink.saves + cut
+        try:
+            await source.cycle(sink.state, sink)
+        except (Crash, CycleStopped):
+            sink.crash_at_save = sink.stop_at_save = None
+            quiet_cycles = 0
+            continue
+        sink.crash_at_save = sink.stop_at_save = None
+        quiet_cycles = 0 if busy or down_plan else quiet_cycles + 1
+    return sink.delivered, api.reads
+
+
+STEPS = st.tuples(st.sampled_from([1, 1, 5, 200, 700, 3000]), st.integers(min_value=0, max_value=12))
+#: Traffic while no poller runs: minutes to hours in steps, so a catch-up moves the watermark far.
+DOWNTIME = st.lists(
+    st.tuples(st.sampled_from([1, 60_000, 1_200_000, 2_700_000]), st.integers(min_value=0, max_value=6)),
+    max_size=4,
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(min_value=0, max_value=10_000),
     initial=st.integers(min_value=0, max_value=40),
-    schedule=st.lists(
-        st.tuples(st.sampled_from([1, 1, 5, 200, 700, 3000]), st.integers(min_value=0, max_value=12)),
-        min_size=1,
-        max_size=40,
-    ),
+    schedule=st.lists(STEPS, min_size=1, max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=6), max_size=8),
+    downtimes=st.lists(DOWNTIME, max_size=4),
 )
 # Found by this test: a transaction moved while an earlier createdAt window was walked,
 # and a later window showed a newer transition; the watermark must be the cycle's head.
@@ -130,17 +153,28 @@ async def deliver_all(
         (1, 2),
         (700, 1),
     ],
+    cuts=[],
+    downtimes=[],
 )
-def test_delivered_equals_ground_truth(seed: int, initial: int, schedule: list[tuple[int, int]]) -> None:
+def test_delivered_equals_ground_truth(
+    seed: int,
+    initial: int,
+    schedule: list[tuple[int, int]],
+    cuts: list[int],
+    downtimes: list[list[tuple[int, int]]],
+) -> None:
     clock = ManualClock()
     since = clock() - timedelta(milliseconds=1)
     sim = Simulator(SimConfig(seed=seed, rate_limits=None, page_cap=PAGE_CAP, clock=clock))
     for _ in range(initial):
         clock.advance(1)
         sim.traffic.step(1)
-    delivered, reads = asyncio.run(deliver_all(sim, clock, list(schedule), since))
+    delivered, reads = asyncio.run(
+        deliver_all(sim, clock, list(schedule), since, cuts=cuts, downtimes=downtimes)
+    )
     truth = [event_key(t.transaction_id, t.transition, t.created_at) for t in sim.transition_log]
-    assert len(truth) == initial + sum(n for _, n in schedule)
+    made_down = sum(n for downtime in downtimes for _, n in downtime)
+    assert len(truth) == initial + sum(n for _, n in schedule) + made_down
     assert len(set(truth)) == len(truth)
     assert sorted(delivered) == sorted(truth)
     assert reads >= 1

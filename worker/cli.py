@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     poll = commands.add_parser("poll", help="poll the Integration API and queue every transition")
     _source_options(poll)
     poll.add_argument("--once", action="store_true", help="run one complete cycle and exit")
+    poll.add_argument(
+        "--max-duration",
+        type=_non_negative,
+        metavar="S",
+        help="with --once: stop at the first checkpoint after S seconds; the next run resumes there",
+    )
     commands.add_parser("work", help="run the worker: hand queued events to the enabled handlers")
     run = commands.add_parser("run", help="run the poller and the worker in one process")
     _source_options(run)
@@ -93,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every installed handler; enabled ones are loaded, so their problems show.",
     )
     _dlq_commands(commands)
+    skipped = commands.add_parser(
+        "skipped",
+        help="list or clear the items a source skipped (they could not become events)",
+        description="Items the poller could not turn into events are skipped, never a stall, and kept here.",
+    )
+    skipped_actions = skipped.add_subparsers(dest="skipped_command", required=True, metavar="ACTION")
+    skipped_actions.add_parser("list", help="list skipped items, oldest first")
+    skipped_actions.add_parser("clear", help="forget the records (the status counter stays)")
 
     demo = commands.add_parser(
         "demo",
@@ -161,9 +176,15 @@ def _dlq_filters(parser: argparse.ArgumentParser) -> None:
 
 def _instant(text: str) -> datetime:
     try:
-        return parse_time(text)
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if at.tzinfo is None:
+        # Read as UTC it may be hours off the operator's meaning: transitions lost or replayed.
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no UTC offset: add one, e.g. {text}Z or {text}+02:00"
+        ) from None
+    return parse_time(text)
 
 
 def _source_options(parser: argparse.ArgumentParser) -> None:
@@ -254,9 +275,7 @@ async def _run_service(args: argparse.Namespace) -> None:
     settings = load_settings()
     setup_logging(settings.log_level)
     if args.command == "poll":
-        await _until_signalled(
-            lambda stop: run_poller(settings, stop, once=args.once, source=args.source, since=args.since)
-        )
+        await _poll(args, settings)
     elif args.command == "work":
         handlers = load_handlers(settings)
         await _until_signalled(lambda stop: run_worker(settings, stop, handlers=handlers))
@@ -270,6 +289,38 @@ async def _run_service(args: argparse.Namespace) -> None:
             )
 
         await _until_signalled(both)
+
+
+async def _poll(args: argparse.Namespace, settings: Any) -> None:
+    from rich.console import Console
+
+    from worker.ops.progress import progress_bar, summary_line
+    from worker.poll.sources import CycleReport
+    from worker.service import run_poller
+
+    if args.max_duration is not None and not args.once:
+        raise ConfigError("poll --max-duration needs --once")
+    reports: list[CycleReport | None] = []
+    console = Console(stderr=True)
+    with contextlib.ExitStack() as stack:
+        watcher = stack.enter_context(progress_bar(console)) if args.once and console.is_terminal else None
+
+        async def body(stop: asyncio.Event) -> None:
+            reports.append(
+                await run_poller(
+                    settings,
+                    stop,
+                    once=args.once,
+                    source=args.source,
+                    since=args.since,
+                    max_duration_s=args.max_duration,
+                    watcher=watcher,
+                )
+            )
+
+        await _until_signalled(body)
+    if reports and reports[0] is not None:
+        print(summary_line(args.source or settings.source, reports[0]))
 
 
 async def _run_inspect(args: argparse.Namespace) -> None:
@@ -287,6 +338,9 @@ async def _run_inspect(args: argparse.Namespace) -> None:
         if args.command == "status":
             print("\n".join((await read_status(settings, redis_pool)).lines()))
             return
+        if args.command == "skipped":
+            await _skipped(args, settings, redis_pool)
+            return
         cursors = CursorStore(redis_pool, settings.redis_prefix)
         if args.cursor_command == "set":
             if args.clear:
@@ -303,6 +357,24 @@ async def _run_inspect(args: argparse.Namespace) -> None:
         sequence_id = await cursors.get("events")
         print(f"transactions: {'none' if watermark is None else from_ms(watermark).isoformat()}")
         print(f"events:       {'none' if sequence_id is None else sequence_id}")
+
+
+async def _skipped(args: argparse.Namespace, settings: Any, redis_pool: Any) -> None:
+    from worker.poll.skipped import SkippedItems
+
+    items = SkippedItems(
+        redis_pool, settings.redis_prefix, retention_s=settings.seen_retention_s, clock=lambda: 0
+    )
+    if args.skipped_command == "clear":
+        print(f"cleared {await items.clear()} skipped item records")
+        return
+    found = await items.list()
+    for item in found:
+        print(
+            f"{item.last_seen.isoformat(timespec='seconds')}  {item.source}  {item.resource_type} "
+            f"{item.resource_id}  seen {item.times}x  {item.reason}"
+        )
+    print(f"{len(found)} skipped item{'' if len(found) == 1 else 's'}")
 
 
 async def _run_handlers() -> None:
@@ -410,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_run_check())
         elif args.command in ("poll", "work", "run"):
             asyncio.run(_run_service(args))
-        elif args.command in ("status", "cursor"):
+        elif args.command in ("status", "cursor", "skipped"):
             asyncio.run(_run_inspect(args))
         elif args.command == "handlers":
             asyncio.run(_run_handlers())

@@ -7,6 +7,10 @@ errors from libraries (aiohttp, pydantic, transit) are wrapped at the boundary w
     FlexworkerError
      ├── ConfigError                 a setting is missing or invalid
      ├── StoreError                  Redis failed (queue, cursors, lease, records)
+ ├── PollError                   a poll cycle could not go on
+ │    ├── LeaseHeldError         another poller holds this namespace's lease
+ │    ├── LeaseLostError         the lease was lost mid-cycle; progress stops at the last checkpoint
+ │    └── CursorChangedError     an operator set the cursor mid-cycle; the cycle gives way
      ├── ApiError                    the Integration API could not be used
      │    ├── TransportError         no usable HTTP answer (after retries)
      │    │    ├── ApiConnectError   connection refused, reset or dropped
@@ -42,13 +46,17 @@ __all__ = [
     "AuthError",
     "BadRequestError",
     "ConfigError",
+    "CursorChangedError",
     "DecodeError",
     "FlexworkerError",
     "HTTPStatusError",
     "HandlerError",
     "HandlerStartupError",
+    "LeaseHeldError",
+    "LeaseLostError",
     "NotFoundError",
     "PermanentError",
+    "PollError",
     "RateLimitedError",
     "RequestInfo",
     "ResourceError",
@@ -71,6 +79,22 @@ class ConfigError(FlexworkerError):
 
 class StoreError(FlexworkerError):
     """Redis (queue, cursors, lease, records) failed or could not be reached."""
+
+
+class PollError(FlexworkerError):
+    """A poll cycle could not go on; what it queued and checkpointed stays."""
+
+
+class LeaseHeldError(PollError):
+    """Another poller holds the lease of this namespace."""
+
+
+class LeaseLostError(PollError):
+    """The lease was lost mid-cycle; nothing after the last checkpoint was written."""
+
+
+class CursorChangedError(PollError):
+    """An operator set or cleared the cursor during the cycle, which gives way to it."""
 
 
 class HandlerError(FlexworkerError):

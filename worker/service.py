@@ -28,8 +28,9 @@ from worker.errors import HandlerStartupError, StoreError
 from worker.events import SourceName
 from worker.poll.cursor import CursorStore
 from worker.poll.lease import Lease
-from worker.poll.poller import Poller
-from worker.poll.sources import Source
+from worker.poll.poller import Poller, ProgressWatcher
+from worker.poll.skipped import SkippedItems
+from worker.poll.sources import CycleReport, Source
 from worker.poll.sources.events import EventsSource
 from worker.poll.sources.transactions import TransactionsSource
 from worker.queue.enqueue import EventQueue
@@ -101,6 +102,7 @@ def build_poller(
         CursorStore(redis_pool, settings.redis_prefix),
         poller_lease(settings, redis_pool),
         idle_interval_s=settings.idle_interval_s,
+        skipped=SkippedItems.from_settings(redis_pool, settings),
     )
 
 
@@ -111,14 +113,20 @@ async def run_poller(
     once: bool = False,
     source: SourceName | None = None,
     since: datetime | None = None,
-) -> None:
-    """Poll until ``stop`` is set, or run one cycle when ``once``."""
+    max_duration_s: float | None = None,
+    watcher: ProgressWatcher | None = None,
+) -> CycleReport | None:
+    """Poll until ``stop`` is set; or, when ``once``, run one cycle and return its report.
+
+    A ``once`` cycle ends early, at a checkpoint, when ``stop`` is set or
+    ``max_duration_s`` has passed (the report then says it is not complete).
+    """
     async with open_redis(settings) as redis_pool, IntegrationClient.from_settings(settings) as client:
         poller = build_poller(settings, client, redis_pool, source=source, since=since)
         if once:
-            await poller.run_once()
-        else:
-            await poller.run(stop)
+            return await poller.run_once(max_duration_s=max_duration_s, stop=stop, watcher=watcher)
+        await poller.run(stop)
+        return None
 
 
 @contextlib.asynccontextmanager

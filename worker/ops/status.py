@@ -10,6 +10,7 @@ from arq.constants import in_progress_key_prefix
 
 from worker.events import from_ms
 from worker.poll.cursor import CursorStore
+from worker.poll.skipped import SkippedItems
 from worker.queue.keys import Keys
 from worker.settings import Settings
 
@@ -52,6 +53,10 @@ class Status:
     in_progress: int
     dead_letters: int
     now: datetime
+    #: items a source skipped since the namespace began (``flexworker skipped``).
+    skipped_items: int = 0
+    #: a cycle was cut short and waits to be resumed (per source).
+    resuming: tuple[str, ...] = ()
     handlers: dict[str, HandlerStats] = field(default_factory=dict)
 
     @property
@@ -71,7 +76,10 @@ class Status:
             ("queued jobs", str(self.queued)),
             ("jobs in progress", str(self.in_progress)),
             ("dead letters", str(self.dead_letters)),
+            ("skipped items", str(self.skipped_items)),
         ]
+        if self.resuming:
+            rows.append(("cycle to resume", ", ".join(self.resuming)))
         for name, stats in self.handlers.items():
             rows.append(
                 (
@@ -86,6 +94,12 @@ class Status:
 async def read_status(settings: Settings, redis: ArqRedis) -> Status:
     cursors = CursorStore(redis, settings.redis_prefix)
     watermark_ms = await cursors.get("transactions")
+    resuming = tuple(
+        [source for source in ("transactions", "events") if (await cursors.load(source)).resume is not None]
+    )
+    skipped = SkippedItems(
+        redis, settings.redis_prefix, retention_s=settings.seen_retention_s, clock=lambda: 0
+    )
     in_progress = 0
     async for _ in redis.scan_iter(match=in_progress_key_prefix + "*", count=1000):
         in_progress += 1
@@ -100,4 +114,6 @@ async def read_status(settings: Settings, redis: ArqRedis) -> Status:
         dead_letters=int(await redis.zcard(Keys(settings.redis_prefix).dlq_index)),
         now=datetime.now(UTC),
         handlers=await read_handler_stats(settings, redis),
+        skipped_items=await skipped.count(),
+        resuming=resuming,
     )

@@ -6,9 +6,17 @@ Every key is under the namespace prefix ``P = flexworker:<namespace>``:
 ``P:cursor:<source>``              string  where the source left off: watermark (ms) or sequence id
                                            (:mod:`worker.poll.cursor`)
 ``P:cursor:<source>:floor``        string  the start floor the source fixed when it began (ms)
+``P:cursor:<source>:state``        hash    the rest of a source's progress: ``generation`` (bumped
+                                           by ``flexworker cursor set``), ``previous`` (the last
+                                           finished cycle's threshold, ms), ``resume`` (JSON: the
+                                           cycle in progress), ``at`` (ms the source has read up to)
 ``P:lease:poller``                 string  the polling replica's fencing token, with a TTL
                                            (:mod:`worker.poll.lease`)
 ``P:lease:poller:fence``           string  the fencing token counter (``INCR``)
+``P:skipped``                      hash    items a source could not turn into events, by
+                                           ``<source>:<type>:<id>`` -> JSON (:mod:`worker.poll.skipped`)
+``P:skipped:index``                zset    the same ids scored by when they were last seen (ms)
+``P:stats:poll``                   hash    poll counters: ``skipped``
 ``P:seen:<event key>``             string  the queue saw this event (``FLEXWORKER_SEEN_RETENTION_S``)
 ``P:order:<transaction id>``       zset    events queued but not yet fanned out: job id (= event
                                            key) scored by transition index; expires with the seen
@@ -55,9 +63,24 @@ class Keys:
     def cursor_floor(self, source: str) -> str:
         return f"{self.prefix}:cursor:{source}:floor"
 
+    def cursor_state(self, source: str) -> str:
+        return f"{self.prefix}:cursor:{source}:state"
+
     @property
     def poller_lease(self) -> str:
         return f"{self.prefix}:lease:poller"
+
+    @property
+    def skipped(self) -> str:
+        return f"{self.prefix}:skipped"
+
+    @property
+    def skipped_index(self) -> str:
+        return f"{self.prefix}:skipped:index"
+
+    @property
+    def poll_stats(self) -> str:
+        return f"{self.prefix}:stats:poll"
 
     def seen(self, event_key: str) -> str:
         return f"{self.prefix}:seen:{event_key}"

@@ -13,9 +13,18 @@ Why no transition can be missed:
 
 * ``lastTransitionedAt`` only grows. A transaction that transitions while we page
   leaves its place and jumps to the head of the order, into pages already read;
-  everything between the head and its old place moves one step back. So the
-  unread remainder only ever shifts *back*: we may read an item twice, never step
-  over one that stays put. New transactions also enter at the head.
+  everything between the head and its old place moves one step back, and so does
+  everything when a new transaction enters at the head. Moves and arrivals only ever
+  shift the unread remainder *back*: we may read an item twice, never step over one
+  that stays put.
+* Items also *leave* the results (a deleted transaction), and that shifts everything
+  below them *forward*, past a page boundary we already crossed. Each page's answer
+  carries ``totalItems``: between two reads an item can move forward by at most the
+  number that left minus the number that arrived, so by at most how much
+  ``totalItems`` fell. The walk keeps a *frontier*, the first position that may hold
+  an unread item: it moves back by every fall of ``totalItems``, forward past each
+  page that covers it, and the next page read is the one holding the frontier. So a
+  deletion costs a re-read of the boundary, and nothing is stepped over.
 * The one we step over is the transaction that moved: cycle N does not read it, so
   its older transitions newer than cycle N's threshold are not emitted by N. It
   moved after the cycle's first page was read, so its new ``lastTransitionedAt`` is
@@ -24,44 +33,76 @@ Why no transition can be missed:
   only for as long as it keeps doing so). The watermark must not be the newest time
   the cycle *saw*: a ``createdAt`` window walked late in the cycle can show a
   transaction that moved after the one we stepped over.
-  When that cycle reads it, the older transitions may lie *behind* that cycle's
-  threshold; that is why emission does not stop at the threshold but goes back to
-  the emission floor, ``max(start floor, threshold - HISTORY_WINDOW)``, an hour
-  behind. Everything queued within the window still has its seen record (the
+  When cycle N+1 reads it, the older transitions lie behind N+1's threshold, but not
+  behind N's. So emission goes back to the *emission floor*: the lower of N's
+  threshold (kept beside the cursor as ``previous``) and N+1's threshold minus
+  :data:`HISTORY_WINDOW` (for a transaction that dodges several cycles in a row),
+  never before the start floor. A catch-up cycle can move the watermark by hours or
+  days; the previous threshold still reaches back to where the stepped-over
+  transaction was left. Everything queued since still has its seen record (the
   retention is days), so going back costs Redis look-ups, not duplicates.
 * Ties: many transitions may share a millisecond. The comparison is strict against
   ``watermark - lookback`` with ``lookback > 0``, so the watermark's own millisecond
   is always read again.
 * Late visibility: a transition that becomes visible after a later one (the reason
   for the lookback) is found as long as it shows up within ``lookback``.
-* The start floor (``--since`` minus the lookback, fixed by the first cycle and
-  stored beside the cursor) keeps transitions from before the start out for good.
-* Depth: paging reaches only ``page_cap`` items. When a walk hits the cap before
-  the threshold, the cycle walks ``createdAt`` windows, each holding at most
-  ``page_cap`` transactions (found by halving); every transaction lies in exactly
-  one window because ``createdAt`` never changes, and the newest window is open
-  ended so transactions created during the walk are covered too.
+* The start: with no cursor, the watermark starts at ``--since``, or where the other
+  source left off (a switch, :data:`~worker.poll.sources.HANDOFF_MARGIN` earlier),
+  or the API's own clock (the first answer's ``Date``; never the host's, which may
+  run ahead). It is pinned at once, with the start floor (start minus the lookback),
+  before anything is walked: a first cycle that fails cannot slide its start, and
+  the start floor keeps transitions from before the start out for good.
+* Depth: paging reaches only ``page_cap`` items. When the threshold lies deeper, the
+  cycle walks ``createdAt`` windows, each holding at most ``page_cap`` transactions;
+  every transaction lies in exactly one window because ``createdAt`` never changes,
+  and the newest window is open ended so transactions created during the walk are
+  covered too. A window that turns out fuller than the cap is split and walked
+  again; so is one that outgrows the cap while we walk it.
+* Resuming: the cycle checkpoints after each page (threshold, emission floor, head,
+  the windows left and the frontier with its ``totalItems``). A run that stops or
+  dies resumes the same cycle there. The arguments above hold across the pause: the
+  frontier still only needs moving back by what left, and whatever moved meanwhile
+  is newer than the head and falls to the next cycle.
 
-Memory stays flat: one page of transactions and the cycle's event keys.
+Requests stay near the minimum: one page per ``per_page`` transactions newer than
+the threshold, plus, when the threshold is deeper than ``page_cap``, one probe of the
+last reachable page and one query for the oldest transaction; windows are sized from
+``totalItems`` (each planned at :data:`WINDOW_FILL` of the cap), so a window rarely
+needs splitting, and the pages read before the cap are not read twice.
+
+Memory stays flat: one page of transactions, the plan, and the last
+:data:`RECENT_CAPACITY` transactions read (to skip a re-read page without asking Redis).
 """
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, Unpack
+from typing import Any, Protocol, Unpack
+from uuid import UUID
+
+from pydantic import ValidationError
 
 from worker.api.client import TransactionFilters
 from worker.api.models import Page, Transaction
-from worker.errors import FlexworkerError
+from worker.errors import FlexworkerError, ResourceError
 from worker.events import SourceName, TransitionEvent, events_from_transaction, from_ms, to_ms
-from worker.poll.sources import CycleReport, Emit
+from worker.poll.cursor import SourceState
+from worker.poll.sources import HANDOFF_MARGIN, CycleProgress, CycleReport, Sink, api_time_ms, skip_reason
 
-__all__ = ["TransactionPages", "TransactionsSource"]
+__all__ = ["HISTORY_WINDOW", "RECENT_CAPACITY", "WINDOW_FILL", "TransactionPages", "TransactionsSource"]
 
-ONE_MS = timedelta(milliseconds=1)
-#: How far behind the threshold a transaction's history is emitted (see the module docstring).
+#: How far behind the threshold a transaction's history is emitted at least (see the module docstring).
 HISTORY_WINDOW = timedelta(hours=1)
+#: Windows are planned to hold this share of the page cap, leaving room to grow while walked.
+WINDOW_FILL = 0.8
+#: How many recently read transactions a cycle remembers.
+RECENT_CAPACITY = 2_000
+_HISTORY_MS = int(HISTORY_WINDOW.total_seconds() * 1000)
+_HANDOFF_MS = int(HANDOFF_MARGIN.total_seconds() * 1000)
 
 
 class TransactionPages(Protocol):
@@ -76,42 +117,68 @@ class TransactionPages(Protocol):
     ) -> Page[Transaction]: ...
 
 
-class _Walk:
-    """State of one cycle: threshold, emission floor, keys already emitted, newest time seen."""
+@dataclass
+class _Window:
+    """``[start_ms, end_ms)`` of ``createdAt``; the newest is open ended (``end_ms`` None)."""
 
-    def __init__(
-        self, threshold: datetime, floor: datetime, watermark_ms: int, emit: Emit, detected_at: datetime
-    ) -> None:
-        self.threshold = threshold
-        self.floor = floor
-        #: the next watermark: the newest ``lastTransitionedAt`` at the head of the
-        #: cycle's first page (see the module docstring), or the old one if empty.
-        self.head_ms: int | None = None
-        self.watermark_ms = watermark_ms
-        self.emit = emit
-        self.detected_at = detected_at
-        self.keys: set[str] = set()
-        self.events = 0
-        self.pages = 0
+    start_ms: int
+    end_ms: int | None
+    #: how many transactions it was planned to hold.
+    estimate: int
 
-    async def take(self, transactions: Sequence[Transaction]) -> None:
-        self.pages += 1
-        if self.head_ms is None:
-            self.head_ms = max(
-                (to_ms(tx.attributes.last_transitioned_at) for tx in transactions), default=self.watermark_ms
-            )
-        batch: list[TransitionEvent] = []
-        for tx in transactions:
-            if tx.attributes.last_transitioned_at <= self.threshold:
-                continue
-            for event in events_from_transaction(
-                tx, newer_than=self.floor, source="transactions", detected_at=self.detected_at
-            ):
-                if event.key not in self.keys:
-                    self.keys.add(event.key)
-                    batch.append(event)
-        if batch:
-            self.events += await self.emit(batch)
+
+@dataclass
+class _Plan:
+    """One cycle, as checkpointed: enough to resume it in another process."""
+
+    watermark_ms: int
+    threshold_ms: int
+    emit_floor_ms: int
+    #: the next watermark: the newest ``lastTransitionedAt`` on the cycle's first page.
+    head_ms: int | None = None
+    #: None while walking the whole list; else the windows left, the current first.
+    windows: list[_Window] | None = None
+    #: first position of the current listing that may hold an unread transaction.
+    frontier: int = 0
+    #: ``totalItems`` of the current listing at its last read.
+    total: int | None = None
+    pages: int = 0
+    events: int = 0
+    recent: OrderedDict[UUID, int] = field(default_factory=OrderedDict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["recent"]
+        return data
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> _Plan | None:
+        """The plan a checkpoint holds; None for one this version cannot read (start afresh)."""
+        data = dict(record)
+        try:
+            windows = data.pop("windows")
+            plan = cls(**data)
+            plan.windows = None if windows is None else [_Window(**w) for w in windows]
+        except (KeyError, TypeError):
+            return None
+        return plan
+
+    @property
+    def threshold(self) -> datetime:
+        return from_ms(self.threshold_ms)
+
+    def left(self) -> int | None:
+        here = None if self.total is None else max(0, self.total - self.frontier)
+        if self.windows is None:
+            return here
+        rest = sum(w.estimate for w in self.windows[1:])
+        return rest + (here if here is not None else self.windows[0].estimate if self.windows else 0)
+
+
+class _Outcome:
+    DONE = "done"
+    #: the page cap came before the threshold (or the window holds more than the cap).
+    TOO_DEEP = "too deep"
 
 
 class TransactionsSource:
@@ -133,70 +200,195 @@ class TransactionsSource:
         if lookback_s <= 0:
             raise ValueError("lookback_s must be > 0: the watermark's millisecond must be read again")
         self._api = api
-        self._lookback = timedelta(seconds=lookback_s)
+        self._lookback_ms = int(lookback_s * 1000)
         self._start_at = start_at
         self._include = list(include)
         self._per_page = per_page
         self._page_cap = page_cap
         self._clock = clock
+        #: the newest API time seen (``Date``), to bound the open window when splitting it.
+        self._api_ms_seen = 0
 
-    async def cycle(self, cursor: int | None, emit: Emit, *, floor: int | None = None) -> CycleReport:
-        now = self._clock()
-        watermark_ms = cursor if cursor is not None else to_ms(self._start_at or now)
-        threshold = from_ms(watermark_ms) - self._lookback
-        start_floor = from_ms(floor) if floor is not None else threshold
-        walk = _Walk(threshold, max(start_floor, threshold - HISTORY_WINDOW), watermark_ms, emit, now)
-        if not await self._walk(walk, {}):
-            await self._walk_windows(walk)
-        return CycleReport(
-            cursor=max(walk.watermark_ms, walk.head_ms or walk.watermark_ms),
-            events=walk.events,
-            pages=walk.pages,
-            floor=to_ms(start_floor) if floor is None else None,
+    async def cycle(self, state: SourceState, sink: Sink) -> CycleReport:
+        first_page: Page[Transaction] | None = None
+        plan = _Plan.from_json(state.resume) if state.resume is not None else None
+        if plan is None:
+            watermark_ms, floor_ms = state.cursor, state.floor
+            if watermark_ms is None:
+                if floor_ms is not None:
+                    watermark_ms = floor_ms + self._lookback_ms
+                elif self._start_at is not None:
+                    watermark_ms = to_ms(self._start_at)
+                elif state.handoff is not None:
+                    watermark_ms = state.handoff - _HANDOFF_MS
+                else:
+                    first_page = await self._query(1, {})
+                    watermark_ms = self._api_now_ms(first_page)
+            threshold_ms = watermark_ms - self._lookback_ms
+            if floor_ms is None or state.cursor is None:
+                # Pin the start before walking: a first cycle that fails must not slide it.
+                floor_ms = threshold_ms if floor_ms is None else floor_ms
+                await sink.save(cursor=watermark_ms, floor=floor_ms)
+            previous_ms = state.previous if state.previous is not None else threshold_ms
+            reach_ms = min(threshold_ms - _HISTORY_MS, previous_ms)
+            plan = _Plan(
+                watermark_ms=watermark_ms,
+                threshold_ms=threshold_ms,
+                emit_floor_ms=max(floor_ms, reach_ms),
+            )
+        await self._walk(plan, sink, first_page)
+        cursor = max(plan.watermark_ms, plan.head_ms if plan.head_ms is not None else plan.watermark_ms)
+        await sink.save(cursor=cursor, previous=plan.threshold_ms, resume=None)
+        return CycleReport(cursor=cursor, events=plan.events, pages=plan.pages)
+
+    async def _walk(self, plan: _Plan, sink: Sink, first_page: Page[Transaction] | None) -> None:
+        if plan.windows is None:
+            outcome = await self._walk_listing(plan, sink, None, first_page)
+            if outcome == _Outcome.DONE:
+                return
+            plan.windows = await self._plan_windows(plan)
+            plan.frontier, plan.total = 0, None
+            await sink.save(resume=plan.to_json())
+        while plan.windows:
+            window = plan.windows[0]
+            outcome = await self._walk_listing(plan, sink, window, None)
+            if outcome == _Outcome.TOO_DEEP:
+                plan.windows[:1] = self._split(window, max(plan.total or 0, self._page_cap + 1), shrink=True)
+            else:
+                plan.windows.pop(0)
+            plan.frontier, plan.total = 0, None
+            sink.progress(self._progress(plan, window, done=outcome == _Outcome.DONE))
+            await sink.save(resume=plan.to_json())
+
+    async def _walk_listing(
+        self, plan: _Plan, sink: Sink, window: _Window | None, first_page: Page[Transaction] | None
+    ) -> str:
+        """Page one listing (the whole list, or a window) newest first until the threshold."""
+        while True:
+            page_number = plan.frontier // self._per_page + 1
+            offset = (page_number - 1) * self._per_page
+            if offset >= self._page_cap:
+                return _Outcome.TOO_DEEP
+            if first_page is not None and page_number == 1:
+                result, first_page = first_page, None
+            else:
+                result = await self._query(page_number, self._window_filters(window))
+            data, total = result.data, result.meta.total_items
+            if plan.total is not None and total is not None and total < plan.total:
+                plan.frontier = max(0, plan.frontier - (plan.total - total))
+            covered = offset <= plan.frontier
+            if covered:
+                plan.frontier = max(plan.frontier, offset + len(data))
+            plan.total = total
+            if plan.head_ms is None:
+                plan.head_ms = max(
+                    (to_ms(tx.attributes.last_transitioned_at) for tx in data), default=plan.watermark_ms
+                )
+            await self._take(plan, sink, result)
+            plan.pages += 1
+            sink.progress(self._progress(plan, window))
+            end_of_list = len(data) < self._per_page and (total is None or offset + len(data) >= total)
+            past_threshold = bool(data) and data[-1].attributes.last_transitioned_at <= plan.threshold
+            if covered and (end_of_list or past_threshold):
+                return _Outcome.DONE
+            if covered and len(data) < self._per_page:
+                return _Outcome.TOO_DEEP  # the page cap cut the answer short
+            if window is not None and offset == 0 and total is not None and total > self._page_cap:
+                return _Outcome.TOO_DEEP  # the window holds more than paging reaches: split it first
+            deep = window is None and offset == 0 and total is not None and total > self._page_cap
+            if deep and not await self._threshold_within_reach(plan, sink):
+                return _Outcome.TOO_DEEP
+            await sink.save(resume=plan.to_json())
+
+    async def _threshold_within_reach(self, plan: _Plan, sink: Sink) -> bool:
+        """Probe the last page paging reaches: is the threshold before it?"""
+        last_page = self._page_cap // self._per_page
+        probe = await self._query(last_page, {})
+        plan.pages += 1
+        await self._take(plan, sink, probe)
+        return len(probe.data) < self._per_page or (
+            probe.data[-1].attributes.last_transitioned_at <= plan.threshold
         )
 
-    async def _walk(self, walk: _Walk, window: TransactionFilters) -> bool:
-        """Page newest first until the threshold; False if the page cap came first."""
-        page = 1
-        while (page - 1) * self._per_page < self._page_cap:
-            query: TransactionFilters = {**window, "sort": ["lastTransitionedAt"], "include": self._include}
-            result = await self._api.transactions_query(page=page, per_page=self._per_page, **query)
-            await walk.take(result.data)
-            if len(result.data) < self._per_page:
-                # Short because the results ended, or because the page cap cut them
-                # (totalItems, from the same answer, then counts more than we reached).
-                reached = (page - 1) * self._per_page + len(result.data)
-                total = result.meta.total_items
-                return total is None or reached >= total
-            if result.data[-1].attributes.last_transitioned_at <= walk.threshold:
-                return True
-            page += 1
-        return False
-
-    async def _walk_windows(self, walk: _Walk) -> None:
-        """Walk ``createdAt`` windows of at most ``page_cap`` transactions each.
-
-        Windows are ``[start, end)``, the newest open ended (``end`` None). A window
-        is halved until its count fits; the open one can still outgrow the cap while
-        we walk it (transactions keep being created), and is then halved again.
-        """
-        oldest = await self._api.transactions_query(page=1, per_page=1, sort=["-createdAt"])
-        if not oldest.data:
-            return
-        pending: list[tuple[datetime, datetime | None]] = [(oldest.data[0].attributes.created_at, None)]
-        while pending:
-            start, end = pending.pop()
-            window: TransactionFilters = {"created_at_start": start}
-            if end is not None:
-                window["created_at_end"] = end
-            if await self._count(window) <= self._page_cap and await self._walk(walk, window):
+    async def _take(self, plan: _Plan, sink: Sink, result: Page[Transaction]) -> None:
+        for rejected in getattr(result, "rejected", ()):
+            await sink.skip(rejected.type, rejected.id, rejected.reason)
+        batch: list[TransitionEvent] = []
+        detected_at = self._clock()
+        floor = from_ms(plan.emit_floor_ms)
+        for tx in result.data:
+            moved_at_ms = to_ms(tx.attributes.last_transitioned_at)
+            if moved_at_ms <= plan.threshold_ms or plan.recent.get(tx.id) == moved_at_ms:
                 continue
-            upper = end or self._clock() + ONE_MS
-            if upper - start <= ONE_MS:
-                raise FlexworkerError(f"more than {self._page_cap} transactions created at {start}")
-            middle = from_ms((to_ms(start) + to_ms(upper)) // 2)
-            pending += [(start, middle), (middle, end)]
+            plan.recent[tx.id] = moved_at_ms
+            plan.recent.move_to_end(tx.id)
+            if len(plan.recent) > RECENT_CAPACITY:
+                plan.recent.popitem(last=False)
+            try:
+                batch += events_from_transaction(
+                    tx, newer_than=floor, source="transactions", detected_at=detected_at
+                )
+            except (ResourceError, ValidationError) as exc:
+                await sink.skip("transaction", str(tx.id), skip_reason(exc))
+        if batch:
+            plan.events += await sink.emit(batch)
 
-    async def _count(self, window: TransactionFilters) -> int:
-        result = await self._api.transactions_query(page=1, per_page=1, **window)
-        return result.meta.total_items if result.meta.total_items is not None else len(result.data)
+    async def _plan_windows(self, plan: _Plan) -> list[_Window]:
+        """``createdAt`` windows over every transaction, each planned to hold a share of the cap."""
+        oldest = await self._api.transactions_query(page=1, per_page=1, sort=["-createdAt"])
+        self._api_ms_seen = max(self._api_ms_seen, api_time_ms(oldest) or 0)
+        plan.pages += 1
+        if not oldest.data:
+            return []
+        start_ms = to_ms(oldest.data[0].attributes.created_at)
+        whole = _Window(start_ms, None, plan.total or oldest.meta.total_items or self._page_cap + 1)
+        return self._split(whole, whole.estimate, shrink=False)
+
+    def _split(self, window: _Window, count: int, *, shrink: bool) -> list[_Window]:
+        """Cut ``window`` (``count`` transactions) into equal spans planned at the fill share of the cap.
+
+        ``shrink``: the window did not fit, so it must become at least two.
+        """
+        pieces = max(2 if shrink else 1, math.ceil(count / (self._page_cap * WINDOW_FILL)))
+        # The open window reaches "now": the API's, or the host's if that is later.
+        now_ms = max(self._api_ms_seen, to_ms(self._clock()))
+        upper_ms = window.end_ms if window.end_ms is not None else max(now_ms, window.start_ms) + 1
+        span_ms = upper_ms - window.start_ms
+        if span_ms <= 1 and shrink:
+            raise FlexworkerError(
+                f"more than {self._page_cap} transactions created at {from_ms(window.start_ms).isoformat()}"
+            )
+        pieces = max(1, min(pieces, span_ms))
+        bounds = [window.start_ms + span_ms * i // pieces for i in range(pieces)] + [window.end_ms]
+        estimate = math.ceil(count / pieces)
+        return [_Window(bounds[i], bounds[i + 1], estimate) for i in range(pieces)]  # type: ignore[arg-type]
+
+    def _window_filters(self, window: _Window | None) -> TransactionFilters:
+        if window is None:
+            return {}
+        filters: TransactionFilters = {"created_at_start": from_ms(window.start_ms)}
+        if window.end_ms is not None:
+            filters["created_at_end"] = from_ms(window.end_ms)
+        return filters
+
+    async def _query(self, page_number: int, window: TransactionFilters) -> Page[Transaction]:
+        query: TransactionFilters = {**window, "sort": ["lastTransitionedAt"], "include": self._include}
+        result = await self._api.transactions_query(page=page_number, per_page=self._per_page, **query)
+        self._api_ms_seen = max(self._api_ms_seen, api_time_ms(result) or 0)
+        return result
+
+    def _api_now_ms(self, page: Page[Transaction]) -> int:
+        """The API's clock: its ``Date``, else the newest transaction it shows (else the start of time)."""
+        served_ms = api_time_ms(page)
+        if served_ms is not None:
+            return served_ms
+        return max((to_ms(tx.attributes.last_transitioned_at) for tx in page.data), default=0)
+
+    def _progress(self, plan: _Plan, window: _Window | None, *, done: bool = False) -> CycleProgress:
+        part = None
+        if window is not None:
+            end = "now" if window.end_ms is None else from_ms(window.end_ms).isoformat()
+            part = f"createdAt {from_ms(window.start_ms).isoformat()} .. {end}"
+        return CycleProgress(
+            pages=plan.pages, events=plan.events, left=plan.left(), part=part, part_done=done
+        )
