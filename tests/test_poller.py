@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 
 from tests.memory_sink import MemorySink
 from worker.api.models import Event, Page, PageMeta, Transaction
-from worker.errors import ServerError
+from worker.errors import CursorChangedError, NotFoundError, ServerError
 from worker.events import SourceName, TransitionEvent, events_from_transaction
 from worker.poll.cursor import CursorStore, SourceState
 from worker.poll.lease import Lease
@@ -232,3 +232,88 @@ async def test_events_source_skips_unknown_types_and_keys_like_the_transactions_
     await source.cycle(sink.state, sink)
     assert api.calls[1]["start_after_sequence_id"] == 10
     assert api.calls[1]["created_at_start"] is None
+
+
+class SlowSource:
+    """A long cycle: a page's worth of events, then checkpoints spread over ``duration_s``."""
+
+    name: SourceName = "transactions"
+
+    def __init__(self, duration_s: float, *, checkpoints: int = 6) -> None:
+        self.duration_s = duration_s
+        self.checkpoints = checkpoints
+
+    async def cycle(self, state: SourceState, sink: Sink) -> CycleReport:
+        new = await sink.emit(some_events(1))
+        for page in range(self.checkpoints):
+            await asyncio.sleep(self.duration_s / self.checkpoints)  # the API is slow today
+            await sink.save(resume={"page": page})
+        await sink.save(cursor=9_000, resume=None)
+        return CycleReport(cursor=9_000, events=new, pages=self.checkpoints)
+
+
+async def test_poll_once_renews_its_lease_for_as_long_as_its_cycle_runs(arq_redis: ArqRedis) -> None:
+    # The cycle lasts four lease lifetimes; without renewal its first checkpoint finds the lease gone.
+    poller, _, cursors = make_poller(arq_redis, SlowSource(2.0), lease_ttl_s=0.5)  # type: ignore[arg-type]
+    report = await poller.run_once()
+    assert report.complete
+    assert await cursors.get("transactions") == 9_000
+
+
+async def test_poll_once_stops_at_a_checkpoint_after_max_duration(arq_redis: ArqRedis) -> None:
+    poller, _, cursors = make_poller(arq_redis, SlowSource(1.0, checkpoints=10))  # type: ignore[arg-type]
+    report = await poller.run_once(max_duration_s=0.25)
+    assert not report.complete
+    assert 1 <= report.pages < 10
+    state = await cursors.load("transactions")
+    assert state.cursor is None
+    assert state.resume == {"page": report.pages - 1}
+    assert await arq_redis.get("p:lease:poller") is None
+
+
+class PausingSource:
+    """Emits, then waits for the test at a point between two checkpoints."""
+
+    name: SourceName = "transactions"
+
+    def __init__(self) -> None:
+        self.paused = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def cycle(self, state: SourceState, sink: Sink) -> CycleReport:
+        new = await sink.emit(some_events(1))
+        await sink.save(resume={"page": 1})
+        self.paused.set()
+        await self.go_on.wait()
+        await sink.save(cursor=9_000, resume=None)
+        return CycleReport(cursor=9_000, events=new, pages=2)
+
+
+async def test_an_operator_rewind_during_a_cycle_is_not_undone(arq_redis: ArqRedis) -> None:
+    source = PausingSource()
+    poller, _, cursors = make_poller(arq_redis, source)  # type: ignore[arg-type]
+    await cursors.set("transactions", 5_000)
+    running = asyncio.create_task(poller.run_once())
+    await asyncio.wait_for(source.paused.wait(), timeout=5)
+    await cursors.set("transactions", 1_000)  # `flexworker cursor set` while the cycle runs
+    source.go_on.set()
+    with pytest.raises(CursorChangedError):
+        await running
+    state = await cursors.load("transactions")
+    assert state.cursor == 1_000
+    assert state.resume is None
+
+
+async def test_events_source_goes_on_without_related_resources_of_a_deleted_transaction() -> None:
+    tx = transaction(5, ["transition/inquire"])
+    api = EventPagesFake([[api_event(1, "transaction/initiated", tx)]])
+
+    async def fetch_related(transaction_id: UUID) -> Transaction:
+        raise NotFoundError("Integration API answered 404 (not-found: Not found)", status=404)
+
+    source = EventsSource(api, start_at=T0, fetch_related=fetch_related)
+    sink = MemorySink()
+    report = await source.cycle(sink.state, sink)
+    assert report.events == 1
+    assert sink.delivered == [events_from_transaction(tx, newer_than=None, source="events")[0].key]
+    assert sink.state.cursor == 1

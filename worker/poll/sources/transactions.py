@@ -253,7 +253,8 @@ class TransactionsSource:
             window = plan.windows[0]
             outcome = await self._walk_listing(plan, sink, window, None)
             if outcome == _Outcome.TOO_DEEP:
-                plan.windows[:1] = self._split(window, max(plan.total or 0, self._page_cap + 1), shrink=True)
+                count = max(plan.total or 0, self._page_cap + 1)
+                plan.windows[:1] = self._split(window, count, shrink=True, now_ms=self._now_ms(plan))
             else:
                 plan.windows.pop(0)
             plan.frontier, plan.total = 0, None
@@ -287,7 +288,7 @@ class TransactionsSource:
             await self._take(plan, sink, result)
             plan.pages += 1
             sink.progress(self._progress(plan, window))
-            end_of_list = len(data) < self._per_page and (total is None or offset + len(data) >= total)
+            end_of_list = offset + len(data) >= total if total is not None else len(data) < self._per_page
             past_threshold = bool(data) and data[-1].attributes.last_transitioned_at <= plan.threshold
             if covered and (end_of_list or past_threshold):
                 return _Outcome.DONE
@@ -342,16 +343,22 @@ class TransactionsSource:
             return []
         start_ms = to_ms(oldest.data[0].attributes.created_at)
         whole = _Window(start_ms, None, plan.total or oldest.meta.total_items or self._page_cap + 1)
-        return self._split(whole, whole.estimate, shrink=False)
+        return self._split(whole, whole.estimate, shrink=False, now_ms=self._now_ms(plan))
 
-    def _split(self, window: _Window, count: int, *, shrink: bool) -> list[_Window]:
+    def _now_ms(self, plan: _Plan) -> int:
+        """Where the open window's span ends for planning: the API's clock, else the cycle's head.
+
+        Not the host's clock, which may be far off. Transactions created later fall
+        into the open window all the same.
+        """
+        return max(self._api_ms_seen, plan.head_ms or plan.watermark_ms)
+
+    def _split(self, window: _Window, count: int, *, shrink: bool, now_ms: int) -> list[_Window]:
         """Cut ``window`` (``count`` transactions) into equal spans planned at the fill share of the cap.
 
         ``shrink``: the window did not fit, so it must become at least two.
         """
         pieces = max(2 if shrink else 1, math.ceil(count / (self._page_cap * WINDOW_FILL)))
-        # The open window reaches "now": the API's, or the host's if that is later.
-        now_ms = max(self._api_ms_seen, to_ms(self._clock()))
         upper_ms = window.end_ms if window.end_ms is not None else max(now_ms, window.start_ms) + 1
         span_ms = upper_ms - window.start_ms
         if span_ms <= 1 and shrink:
