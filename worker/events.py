@@ -15,10 +15,17 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from worker.api.models import Listing, Transaction, TransitionRecord, User
+from worker.api.wire import Money
 
+# The resource types an event carries are part of the plugin API: handler authors import them
+# from here, never from worker.api, whose layout may change.
 __all__ = [
+    "Listing",
+    "Money",
     "SourceName",
+    "Transaction",
     "TransitionEvent",
+    "User",
     "event_from_api_event",
     "event_key",
     "events_from_transaction",

@@ -125,6 +125,7 @@ __all__ = [
     "Handler",
     "HandlerContext",
     "HandlerSpec",
+    "IntegrationClient",
     "PermanentError",
     "Predicate",
     "RetryLater",
