@@ -185,3 +185,14 @@ async def test_sim_command_serves_a_changing_marketplace(tmp_path: Path) -> None
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), timeout=10)
+
+
+@pytest.mark.parametrize("option", ["--since", "--at"])
+async def test_a_time_without_a_utc_offset_is_refused_in_one_line(option: str, tmp_path: Path) -> None:
+    # Read as UTC it could be hours off what the operator meant: transitions lost or replayed.
+    args = ("poll", "--once") if option == "--since" else ("cursor", "set", "--source", "transactions")
+    code, _, err = await flexworker(*args, option, "2026-05-01T09:00:00", env=cli_env(), cwd=tmp_path)
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert "has no UTC offset" in line
+    assert "2026-05-01T09:00:00Z" in line
