@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker handlers tests examples
-	$(BIN)/ruff format --check worker handlers tests examples
+	$(BIN)/ruff check worker handlers tests examples bench
+	$(BIN)/ruff format --check worker handlers tests examples bench
 
 types: $(STAMP)
 	$(BIN)/mypy worker handlers
