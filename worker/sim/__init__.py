@@ -27,7 +27,8 @@ Parts:
 * :func:`run_simulator` — serve until cancelled, printing the URL and
   credentials (the ``flexworker sim`` command).
 
-HTTP routes are listed in :mod:`worker.sim.app`; undocumented API behaviour the
+HTTP routes are listed in :mod:`worker.sim.app` (the API) and
+:mod:`worker.sim.admin` (``/_sim/``); undocumented API behaviour the
 simulator had to choose is described in :mod:`worker.sim.app` and
 :mod:`worker.sim.query`.
 """
