@@ -46,6 +46,7 @@ from aiohttp import web
 
 from worker.api.ratelimit import PRESETS, RateLimits
 from worker.sim.app import TokenAuthority, create_app
+from worker.sim.clock import ManualClock
 from worker.sim.faults import FaultConfig, FaultInjector, RateLimiter, SimStats
 from worker.sim.query import DEFAULT_PAGE_CAP
 from worker.sim.store import Clock, LoggedTransition, Store, utc_now
@@ -53,6 +54,7 @@ from worker.sim.traffic import Traffic
 
 __all__ = [
     "FaultConfig",
+    "ManualClock",
     "SimConfig",
     "SimStats",
     "Simulator",
@@ -83,7 +85,8 @@ class SimConfig:
     traffic_rate: float = 0.0
     traffic_users: int = 12
     traffic_listings: int = 8
-    #: Source of "now" for the store and token expiry: aware UTC datetimes.
+    #: Source of "now" for the store, token expiry and the ``Date`` header: aware UTC
+    #: datetimes (a :class:`ManualClock` in tests).
     clock: Clock = utc_now
     #: Refuse query parameters an endpoint does not know (400 validation-disallowed-key).
     strict_params: bool = True

@@ -27,10 +27,11 @@ import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from worker.api.wire import JSON_MIME, TRANSIT_MIME, WireFormatError, decode
 from worker.processes import IllegalTransitionError, UnknownProcessError
@@ -347,10 +348,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, 500, "internal-server-error")
 
 
+def _date_stamper(clock: Clock) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+        # aiohttp writes the host's wall clock into Date unless one is set; a client that
+        # estimates the API's clock from Date must see the simulated one instead.
+        response.headers[hdrs.DATE] = format_datetime(clock().astimezone(UTC), usegmt=True)
+
+    return stamp
+
+
 def create_app(sim: Simulator) -> web.Application:
     """A fresh aiohttp application serving ``sim`` (an application can only be run once).
 
-    The ``/_sim/`` routes are listed in :mod:`worker.sim.admin`.
+    The ``/_sim/`` routes are listed in :mod:`worker.sim.admin`. Every answer's ``Date``
+    header comes from the simulator's clock, not the host's.
     """
     app = web.Application(
         middlewares=[
@@ -361,6 +372,7 @@ def create_app(sim: Simulator) -> web.Application:
         ]
     )
     app[SIM_KEY] = sim
+    app.on_response_prepare.append(_date_stamper(sim.config.clock))
     app.router.add_post("/v1/auth/token", auth_token)
     app.router.add_post("/v1/auth/revoke", auth_revoke)
     app.router.add_get(f"{API}/marketplace/show", marketplace_show)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import random
 import string
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.api.wire import Money
 from worker.errors import FlexworkerError
 from worker.processes import IllegalTransitionError, Transition, get_process
+from worker.sim.clock import Clock, utc_now
 from worker.sim.resources import (
     BOOKING_STATE,
     Booking,
@@ -66,8 +67,6 @@ __all__ = [
     "utc_now",
 ]
 
-Clock = Callable[[], datetime]
-
 #: The provider's commission on every priced transaction.
 COMMISSION_PERCENT = 10
 
@@ -75,11 +74,6 @@ _FIRST_NAMES = ("Aino", "Bruno", "Chiara", "Dmitri", "Elif", "Farid", "Greta", "
 _LAST_NAMES = ("Virtanen", "Moreau", "Rossi", "Novak", "Yilmaz", "Haddad", "Berg", "Silva", "Okafor", "Lund")
 _BOOKING_TITLES = ("Sauna by the lake", "City bike", "Kayak for two", "Studio loft", "Camping van")
 _PURCHASE_TITLES = ("Vintage lamp", "Road bike frame", "Wool blanket", "Record player", "Oak stool")
-
-
-def utc_now() -> datetime:
-    """The default clock: the wall clock in UTC."""
-    return datetime.now(UTC)
 
 
 def truncate_ms(at: datetime) -> datetime:
