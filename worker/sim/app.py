@@ -221,7 +221,8 @@ async def events_query(request: web.Request) -> web.Response:
     _strict(request, params, [*query.EVENT_QUERY_PARAMS, "include"])
     q = query.parse_events_query(params)
     view = query.parse_view(params, "event")
-    return answer(request, query.render_document(sim.store, query.query_events(sim.store, q), view))
+    events = query.query_events(sim.store, q)
+    return answer(request, query.render_document(sim.store, events, view, meta=query.events_meta(q)))
 
 
 def _command_answer(request: web.Request, expand: bool, entity: Entity, view: View) -> web.Response:

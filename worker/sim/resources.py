@@ -332,6 +332,7 @@ class Event(Entity):
     TYPE: ClassVar[str] = "event"
     id: uuid.UUID
     sequence_id: int
+    marketplace_id: uuid.UUID
     created_at: datetime
     event_type: str
     source: str
@@ -347,6 +348,7 @@ class Event(Entity):
         # Copies: the caller may trim the tree for sparse fields.
         return {
             "sequenceId": self.sequence_id,
+            "marketplaceId": self.marketplace_id,
             "createdAt": self.created_at,
             "eventType": self.event_type,
             "source": self.source,

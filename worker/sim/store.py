@@ -187,6 +187,7 @@ class Store:
         event = Event(
             id=self.new_id(),
             sequence_id=len(self.events) + 1,
+            marketplace_id=self.marketplace.id,
             created_at=at,
             event_type=event_type,
             source=source,
