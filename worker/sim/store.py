@@ -25,6 +25,7 @@ from typing import Any
 from worker.api.wire import Money
 from worker.errors import FlexworkerError
 from worker.processes import IllegalTransitionError, Transition, get_process
+from worker.sim.changes import extended_data_changes, previous_values
 from worker.sim.clock import Clock, utc_now
 from worker.sim.resources import (
     BOOKING_STATE,
@@ -418,7 +419,7 @@ class Store:
             tx,
             at,
             source=source,
-            previous_values={} if before is None else _diff(before, after),
+            previous_values={} if before is None else previous_values(before, after),
             audit_data=self._audit(user_id, source, client_id),
             related_ids=frozenset({tx.customer_id, tx.provider_id, tx.listing_id}),
             tree=after,
@@ -486,7 +487,7 @@ class Store:
             tx,
             self._time(at),
             source=source,
-            previous_values={"attributes": {"metadata": old}},
+            previous_values={"attributes": {"metadata": extended_data_changes(old, tx.metadata)}},
             audit_data=self._audit(None, source, client_id),
             related_ids=frozenset({tx.customer_id, tx.provider_id, tx.listing_id}),
         )
@@ -520,17 +521,6 @@ class Store:
             related_ids=frozenset({tx.id, sender}),
         )
         return message
-
-
-def _diff(before: JsonObject, after: JsonObject) -> JsonObject:
-    """Top-level attributes and relationships that changed, with their old values."""
-    out: JsonObject = {}
-    for part in ("attributes", "relationships"):
-        old, new = before.get(part, {}), after.get(part, {})
-        changed = {k: old.get(k) for k in new.keys() | old.keys() if old.get(k) != new.get(k)}
-        if changed:
-            out[part] = changed
-    return out
 
 
 def _drop_payment_intent_id(protected: JsonObject) -> None:
