@@ -5,7 +5,8 @@ unless marked ``*``); never authenticated, rate limited or faulted. Refusals use
 API's error envelope: 400 bad input, 404 unknown ids, 409 illegal transitions.
 
 * ``POST /_sim/users`` ``{email, firstName, lastName, phoneNumber, publicData,
-  protectedData, privateData, metadata, at}`` → 201 ``{data: user}``
+  protectedData, privateData, metadata, profileImage (true/false; default: three
+  users in four have one), at}`` → 201 ``{data: user}``
 * ``POST /_sim/listings`` ``{authorId*, processName, title, price: {amount, currency},
   publicData, at}`` → 201 ``{data: listing}``
 * ``POST /_sim/transactions`` ``{listingId*, customerId*, transition (default
@@ -66,6 +67,13 @@ def _opt_object(body: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     return value
 
 
+def _opt_bool(body: Mapping[str, Any], key: str) -> bool | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ParamError(key, "must be true or false", code="validation-invalid-value", source_type="body")
+    return value
+
+
 def _data(entity: Entity, status: int = 200, **extra: Any) -> web.Response:
     body = {"data": entity.resource(with_relationships=True), **extra}
     return web.Response(status=status, body=encode(body), content_type=JSON_MIME)
@@ -86,6 +94,7 @@ async def admin_create_user(request: web.Request) -> web.Response:
         protected_data=_opt_object(body, "protectedData"),
         private_data=_opt_object(body, "privateData"),
         metadata=_opt_object(body, "metadata"),
+        profile_image=_opt_bool(body, "profileImage"),
         at=_opt_time(body, "at"),
     )
     return _data(user, 201)

@@ -77,11 +77,14 @@ INCLUDES: Mapping[str, frozenset[str]] = {
             "booking",
             "messages",
             "listing.author",
+            "provider.profileImage",
+            "customer.profileImage",
             "messages.sender",
+            "messages.sender.profileImage",
         }
     ),
-    "user": frozenset({"marketplace"}),
-    "listing": frozenset({"author", "marketplace"}),
+    "user": frozenset({"marketplace", "profileImage"}),
+    "listing": frozenset({"author", "marketplace", "author.profileImage"}),
     "marketplace": frozenset(),
     "event": frozenset(),
 }

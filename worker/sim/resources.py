@@ -22,6 +22,7 @@ __all__ = [
     "Booking",
     "Entity",
     "Event",
+    "Image",
     "JsonObject",
     "Listing",
     "LoggedTransition",
@@ -99,6 +100,25 @@ class Marketplace(Entity):
 
 
 @dataclass
+class Image(Entity):
+    """An uploaded image; only its ``default`` variant is rendered, as the API does by default."""
+
+    TYPE: ClassVar[str] = "image"
+    id: uuid.UUID
+    width_px: int = 720
+    height_px: int = 720
+
+    def attributes(self) -> JsonObject:
+        # example.com never resolves: nothing fetches these, but clients may keep the URL.
+        url = f"https://example.com/sim/images/{self.id}/default"
+        return {
+            "variants": {
+                "default": {"name": "default", "width": self.width_px, "height": self.height_px, "url": url}
+            }
+        }
+
+
+@dataclass
 class User(Entity):
     TYPE: ClassVar[str] = "user"
     id: uuid.UUID
@@ -113,6 +133,7 @@ class User(Entity):
     protected_data: JsonObject = field(default_factory=dict)
     private_data: JsonObject = field(default_factory=dict)
     metadata: JsonObject = field(default_factory=dict)
+    profile_image_id: uuid.UUID | None = None
 
     @property
     def display_name(self) -> str:
@@ -147,7 +168,8 @@ class User(Entity):
         }
 
     def relationships(self) -> dict[str, Ref | list[Ref] | None]:
-        return {"marketplace": ("marketplace", self.marketplace_id)}
+        image = None if self.profile_image_id is None else ("image", self.profile_image_id)
+        return {"marketplace": ("marketplace", self.marketplace_id), "profileImage": image}
 
 
 @dataclass

@@ -15,6 +15,7 @@ them. The resources themselves (and their JSON:API rendering) live in
 
 from __future__ import annotations
 
+import hashlib
 import random
 import string
 import uuid
@@ -32,6 +33,7 @@ from worker.sim.resources import (
     Booking,
     Entity,
     Event,
+    Image,
     JsonObject,
     Listing,
     LoggedTransition,
@@ -51,6 +53,7 @@ __all__ = [
     "Clock",
     "Entity",
     "Event",
+    "Image",
     "InvalidArgumentError",
     "Listing",
     "LoggedTransition",
@@ -117,6 +120,7 @@ class Store:
         self.transactions: dict[uuid.UUID, Transaction] = {}
         self.bookings: dict[uuid.UUID, Booking] = {}
         self.messages: dict[uuid.UUID, Message] = {}
+        self.images: dict[uuid.UUID, Image] = {}
         #: Event ``k`` (0-based) has sequence id ``k + 1``.
         self.events: list[Event] = []
         #: Every transition ever applied, in apply order.
@@ -143,6 +147,7 @@ class Store:
             "transaction": self.transactions,
             "booking": self.bookings,
             "message": self.messages,
+            "image": self.images,
         }
         table = tables.get(type_)
         return None if table is None else table.get(id_)
@@ -224,11 +229,13 @@ class Store:
         protected_data: Mapping[str, Any] | None = None,
         private_data: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        profile_image: bool | None = None,
         at: datetime | None = None,
     ) -> User:
         """Sign a user up; emits ``user/created``.
 
-        Name, e-mail and an E.164 phone number are made up unless given.
+        Name, e-mail and an E.164 phone number are made up unless given. Three users
+        in four have a profile image unless ``profile_image`` says otherwise.
         """
         first = first_name if first_name is not None else self._rng.choice(_FIRST_NAMES)
         last = last_name if last_name is not None else self._rng.choice(_LAST_NAMES)
@@ -247,6 +254,13 @@ class Store:
             private_data=copy_tree(dict(private_data or {})),
             metadata=copy_tree(dict(metadata or {})),
         )
+        if profile_image is None:
+            # Decided by the id, not the RNG, so the ids of a seed stay what they were.
+            profile_image = user.id.int % 4 != 0
+        if profile_image:
+            image = Image(_derived_id(b"profile-image", user.id))
+            self.images[image.id] = image
+            user.profile_image_id = image.id
         self.users[user.id] = user
         self._emit(
             "user/created",
@@ -521,6 +535,11 @@ class Store:
             related_ids=frozenset({tx.id, sender}),
         )
         return message
+
+
+def _derived_id(kind: bytes, of: uuid.UUID) -> uuid.UUID:
+    """A stable id for something that belongs to ``of`` (drawn from no RNG)."""
+    return uuid.UUID(bytes=hashlib.sha256(kind + of.bytes).digest()[:16], version=4)
 
 
 def _drop_payment_intent_id(protected: JsonObject) -> None:
