@@ -91,6 +91,9 @@ class SimConfig:
     #: Refuse query parameters an endpoint does not know (400 validation-disallowed-key).
     strict_params: bool = True
     marketplace_name: str = "Sim Market"
+    #: Review transitions write review resources (``review/created``, ``review/updated``).
+    #: Off by default: reviews draw ids, so turning them on changes a seed's later ids.
+    reviews: bool = False
 
 
 class Simulator:
@@ -98,7 +101,12 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config = config or SimConfig()
-        self.store = Store(seed=config.seed, clock=config.clock, marketplace_name=config.marketplace_name)
+        self.store = Store(
+            seed=config.seed,
+            clock=config.clock,
+            marketplace_name=config.marketplace_name,
+            reviews=config.reviews,
+        )
         self.stats = SimStats()
         self.auth = TokenAuthority(
             config.client_id, config.client_secret, config.token_lifetime_s, config.clock

@@ -81,6 +81,11 @@ INCLUDES: Mapping[str, frozenset[str]] = {
             "customer.profileImage",
             "messages.sender",
             "messages.sender.profileImage",
+            "reviews",
+            "reviews.author",
+            "reviews.author.profileImage",
+            "reviews.subject",
+            "reviews.subject.profileImage",
         }
     ),
     "user": frozenset({"marketplace", "profileImage"}),

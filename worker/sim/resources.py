@@ -29,6 +29,7 @@ __all__ = [
     "Marketplace",
     "Message",
     "Ref",
+    "Review",
     "Transaction",
     "TransitionEntry",
     "User",
@@ -244,6 +245,46 @@ class Message(Entity):
         return {"sender": ("user", self.sender_id), "transaction": ("transaction", self.transaction_id)}
 
 
+@dataclass
+class Review(Entity):
+    """A review one party wrote about the other during a transaction.
+
+    ``ofProvider`` reviews are written by the customer and are about the provider and
+    the listing; ``ofCustomer`` ones by the provider about the customer. A pending
+    review hides its rating and content (null) until the process publishes it.
+    """
+
+    TYPE: ClassVar[str] = "review"
+    id: uuid.UUID
+    transaction_id: uuid.UUID
+    listing_id: uuid.UUID
+    author_id: uuid.UUID
+    subject_id: uuid.UUID
+    review_type: str
+    rating: int
+    content: str
+    created_at: datetime
+    state: str = "pending"
+
+    def attributes(self) -> JsonObject:
+        public = self.state == "public"
+        return {
+            "type": self.review_type,
+            "state": self.state,
+            "rating": self.rating if public else None,
+            "content": self.content if public else None,
+            "createdAt": self.created_at,
+        }
+
+    def relationships(self) -> dict[str, Ref | list[Ref] | None]:
+        return {
+            "author": ("user", self.author_id),
+            "subject": ("user", self.subject_id),
+            # Only reviews of the provider are about the listing too.
+            "listing": ("listing", self.listing_id) if self.review_type == "ofProvider" else None,
+        }
+
+
 @dataclass(frozen=True)
 class TransitionEntry:
     """One entry of a transaction's own history."""
@@ -305,6 +346,7 @@ class Transaction(Entity):
     metadata: JsonObject = field(default_factory=dict)
     booking: Booking | None = None
     messages: list[Message] = field(default_factory=list)
+    reviews: list[Review] = field(default_factory=list)
     #: The PaymentIntent id ever requested, kept even after the API stops showing it.
     payment_intent_id: str | None = None
 
@@ -345,6 +387,7 @@ class Transaction(Entity):
             "provider": ("user", self.provider_id),
             "customer": ("user", self.customer_id),
             "booking": self.booking.ref() if self.booking else None,
+            "reviews": [r.ref() for r in self.reviews],
             "messages": [m.ref() for m in self.messages],
         }
 

@@ -40,12 +40,14 @@ from worker.sim.resources import (
     Marketplace,
     Message,
     Ref,
+    Review,
     Transaction,
     TransitionEntry,
     User,
     copy_tree,
     ref_tree,
 )
+from worker.sim.reviews import review_on_transition
 
 __all__ = [
     "COMMISSION_PERCENT",
@@ -61,6 +63,7 @@ __all__ = [
     "Message",
     "MissingResourceError",
     "Ref",
+    "Review",
     "SimStoreError",
     "Store",
     "Transaction",
@@ -111,8 +114,17 @@ _DEFAULT_SOURCE = {
 class Store:
     """The simulated marketplace. Single-threaded: call it from one event loop."""
 
-    def __init__(self, *, seed: int | str = 0, clock: Clock = utc_now, marketplace_name: str = "Sim Market"):
+    def __init__(
+        self,
+        *,
+        seed: int | str = 0,
+        clock: Clock = utc_now,
+        marketplace_name: str = "Sim Market",
+        reviews: bool = False,
+    ):
         self._rng = random.Random(f"store:{seed}")
+        #: Whether review transitions write review resources (see :mod:`worker.sim.reviews`).
+        self.writes_reviews = reviews
         self._clock = clock
         self.marketplace = Marketplace(self.new_id(), marketplace_name, "A simulated Sharetribe marketplace")
         self.users: dict[uuid.UUID, User] = {}
@@ -121,6 +133,7 @@ class Store:
         self.bookings: dict[uuid.UUID, Booking] = {}
         self.messages: dict[uuid.UUID, Message] = {}
         self.images: dict[uuid.UUID, Image] = {}
+        self.reviews: dict[uuid.UUID, Review] = {}
         #: Event ``k`` (0-based) has sequence id ``k + 1``.
         self.events: list[Event] = []
         #: Every transition ever applied, in apply order.
@@ -128,13 +141,21 @@ class Store:
 
     # -- basics ---------------------------------------------------------------------
 
+    @property
+    def rng(self) -> random.Random:
+        """The store's seeded RNG, for the modules that make content on its behalf."""
+        return self._rng
+
     def new_id(self) -> uuid.UUID:
+        """The next id from the store's seeded RNG."""
         return uuid.UUID(int=self._rng.getrandbits(128), version=4)
 
     def now(self) -> datetime:
+        """The clock's time, cut to milliseconds."""
         return truncate_ms(self._clock())
 
-    def _time(self, at: datetime | None) -> datetime:
+    def at_or_now(self, at: datetime | None) -> datetime:
+        """``at`` cut to milliseconds, or now when it is ``None``."""
         return self.now() if at is None else truncate_ms(at)
 
     def get(self, type_: str, id_: uuid.UUID) -> Entity | None:
@@ -148,6 +169,7 @@ class Store:
             "booking": self.bookings,
             "message": self.messages,
             "image": self.images,
+            "review": self.reviews,
         }
         table = tables.get(type_)
         return None if table is None else table.get(id_)
@@ -178,7 +200,7 @@ class Store:
         """Events with a sequence id above ``sequence_id``, ascending."""
         return iter(self.events[max(0, sequence_id) :])
 
-    def _emit(
+    def emit(
         self,
         event_type: str,
         entity: Entity,
@@ -189,7 +211,16 @@ class Store:
         audit_data: JsonObject,
         related_ids: frozenset[uuid.UUID] = frozenset(),
         tree: JsonObject | None = None,
+        removed: bool = False,
     ) -> Event:
+        """Log an event about ``entity``; its resource is ``tree`` or the entity as it is now.
+
+        ``removed`` events (``*/deleted``) carry no resource at all.
+        """
+        if removed:
+            tree = None
+        elif tree is None:
+            tree = entity.resource(with_relationships=True)
         event = Event(
             id=self.new_id(),
             sequence_id=len(self.events) + 1,
@@ -199,7 +230,7 @@ class Store:
             source=source,
             resource_id=entity.id,
             resource_type=entity.TYPE,
-            resource_tree=tree if tree is not None else entity.resource(with_relationships=True),
+            resource_tree=tree,
             previous_values=previous_values,
             audit_data=audit_data,
             related_ids=related_ids,
@@ -207,11 +238,19 @@ class Store:
         self.events.append(event)
         return event
 
-    def _audit(self, user_id: uuid.UUID | None, source: str, client_id: str | None) -> JsonObject:
+    def audit(
+        self,
+        user_id: uuid.UUID | None,
+        source: str,
+        client_id: str | None,
+        *,
+        admin_id: uuid.UUID | None = None,
+    ) -> JsonObject:
+        """An event's ``auditData``: API calls get a request id, Console actions an admin."""
         api_call = source in ("source/marketplace-api", "source/integration-api")
         return {
             "userId": user_id,
-            "adminId": None,
+            "adminId": admin_id,
             "requestId": self.new_id() if api_call else None,
             "clientId": client_id,
         }
@@ -244,7 +283,7 @@ class Store:
         user = User(
             id=self.new_id(),
             marketplace_id=self.marketplace.id,
-            created_at=self._time(at),
+            created_at=self.at_or_now(at),
             email=email or f"{first}.{last}.{len(self.users) + 1}@example.com".lower(),
             first_name=first,
             last_name=last,
@@ -262,13 +301,13 @@ class Store:
             self.images[image.id] = image
             user.profile_image_id = image.id
         self.users[user.id] = user
-        self._emit(
+        self.emit(
             "user/created",
             user,
             user.created_at,
             source="source/marketplace-api",
             previous_values={},
-            audit_data=self._audit(user.id, "source/marketplace-api", None),
+            audit_data=self.audit(user.id, "source/marketplace-api", None),
         )
         return user
 
@@ -298,20 +337,20 @@ class Store:
             id=self.new_id(),
             marketplace_id=self.marketplace.id,
             author_id=author.id,
-            created_at=self._time(at),
+            created_at=self.at_or_now(at),
             title=title or self._rng.choice(titles),
             price=price or Money(self._rng.randrange(10, 500) * 100, "USD"),
             process_name=process.name,
             public_data=data,
         )
         self.listings[listing.id] = listing
-        self._emit(
+        self.emit(
             "listing/created",
             listing,
             listing.created_at,
             source="source/marketplace-api",
             previous_values={},
-            audit_data=self._audit(author.id, "source/marketplace-api", None),
+            audit_data=self.audit(author.id, "source/marketplace-api", None),
             related_ids=frozenset({author.id}),
         )
         return listing
@@ -346,7 +385,7 @@ class Store:
             raise IllegalTransitionError(f"{transition} cannot start a {process.name} transaction")
         if customer.id == listing.author_id:
             raise InvalidArgumentError("a provider cannot buy from their own listing")
-        created_at = self._time(at)
+        created_at = self.at_or_now(at)
         if process.has_booking:
             if booking_start is None:
                 day = created_at.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -402,7 +441,7 @@ class Store:
         tx.process.target(tx.state, transition)
         if by is not None and by != tr.actor:
             raise IllegalTransitionError(f"{transition} is performed by {tr.actor}, not {by}")
-        when = self._time(at)
+        when = self.at_or_now(at)
         if when < tx.last_transitioned_at:
             raise InvalidArgumentError(
                 f"{when.isoformat()} is before the transaction's last transition at "
@@ -425,16 +464,18 @@ class Store:
             _refund(tx)
         if tx.booking is not None:
             tx.booking.state = BOOKING_STATE.get(tx.state, "accepted")
+        if self.writes_reviews:
+            review_on_transition(self, tx, tr, at)
         source = source or _DEFAULT_SOURCE[tr.actor]
         user_id = {"customer": tx.customer_id, "provider": tx.provider_id}.get(tr.actor)
         after = tx.resource(with_relationships=True)
-        event = self._emit(
+        event = self.emit(
             "transaction/initiated" if first else "transaction/transitioned",
             tx,
             at,
             source=source,
             previous_values={} if before is None else previous_values(before, after),
-            audit_data=self._audit(user_id, source, client_id),
+            audit_data=self.audit(user_id, source, client_id),
             related_ids=frozenset({tx.customer_id, tx.provider_id, tx.listing_id}),
             tree=after,
         )
@@ -496,13 +537,13 @@ class Store:
                 tx.metadata[key] = copy_tree(value)
         if tx.metadata == old:
             return None
-        return self._emit(
+        return self.emit(
             "transaction/updated",
             tx,
-            self._time(at),
+            self.at_or_now(at),
             source=source,
             previous_values={"attributes": {"metadata": extended_data_changes(old, tx.metadata)}},
-            audit_data=self._audit(None, source, client_id),
+            audit_data=self.audit(None, source, client_id),
             related_ids=frozenset({tx.customer_id, tx.provider_id, tx.listing_id}),
         )
 
@@ -519,19 +560,19 @@ class Store:
         sender = sender_id or tx.customer_id
         if sender not in (tx.customer_id, tx.provider_id):
             raise InvalidArgumentError("only the customer or the provider can message in a transaction")
-        when = self._time(at)
+        when = self.at_or_now(at)
         if tx.messages and when < tx.messages[-1].created_at:
             raise InvalidArgumentError("messages must be added in chronological order")
         message = Message(self.new_id(), tx.id, sender, content, when)
         tx.messages.append(message)
         self.messages[message.id] = message
-        self._emit(
+        self.emit(
             "message/created",
             message,
             when,
             source="source/marketplace-api",
             previous_values={},
-            audit_data=self._audit(sender, "source/marketplace-api", None),
+            audit_data=self.audit(sender, "source/marketplace-api", None),
             related_ids=frozenset({tx.id, sender}),
         )
         return message
