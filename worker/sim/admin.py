@@ -15,8 +15,16 @@ API's error envelope: 400 bad input, 404 unknown ids, 409 illegal transitions.
 * ``POST /_sim/transactions/{id}/transitions`` ``{transition*, at, by}`` →
   ``{data: transaction, meta: {sequenceId}}``
 * ``POST /_sim/transactions/{id}/messages`` ``{content, senderId, at}`` → 201 ``{data: message}``
-* ``GET /_sim/transitions[?transactionId=]`` → ``{data: [{transactionId, transition, createdAt, by}]}``
-  — every transition ever applied, in order (ground truth)
+* ``POST /_sim/users/{id}/delete``, ``POST /_sim/users/{id}/ban``,
+  ``POST /_sim/listings/{id}/delete``, ``POST /_sim/transactions/{id}/delete``
+  ``{at}`` → ``{data: the resource as the API now shows it (a deleted transaction:
+  its reference), meta: {sequenceId, eventType}}`` — see :mod:`worker.sim.removals`
+* ``GET /_sim/transitions[?transactionId=][&deleted=true|false]`` →
+  ``{data: [{transactionId, transition, createdAt, by, transactionDeletedAt?}]}`` —
+  every transition ever applied, in order (ground truth). Deleting a transaction
+  keeps its transitions here; they gain ``transactionDeletedAt`` (absent while the
+  transaction exists), and ``deleted`` keeps only those of deleted (``true``) or
+  existing (``false``) transactions.
 * ``GET /_sim/stats``, ``POST /_sim/stats/reset`` — answers by status, faults, 429s, grants
 * ``GET|POST /_sim/faults`` ``{faults: {<FaultConfig field>: value}, rateLimit:
   dev|prod|off, rateLimitScale}``
@@ -26,7 +34,8 @@ API's error envelope: 400 bad input, 404 unknown ids, 409 illegal transitions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +47,7 @@ from worker.errors import ConfigError
 from worker.sim import query
 from worker.sim.http import ApiProblem, json_body, simulator
 from worker.sim.query import ParamError
-from worker.sim.store import Entity
+from worker.sim.store import Entity, Event, Store
 
 if TYPE_CHECKING:
     from worker.sim import Simulator
@@ -164,14 +173,55 @@ async def admin_message(request: web.Request) -> web.Response:
     return _data(message, 201)
 
 
+async def _removal(
+    request: web.Request, remove: Callable[[Store, uuid.UUID, datetime | None], Event]
+) -> web.Response:
+    body = await json_body(request)
+    store = simulator(request).store
+    id_ = query.parse_uuid(request.match_info["id"], "id")
+    event = remove(store, id_, _opt_time(body, "at"))
+    entity = store.get(event.resource_type, id_)
+    # A deleted transaction has left the store: only its reference is left to show.
+    data = (
+        entity.resource(with_relationships=True)
+        if entity is not None
+        else {"id": id_, "type": event.resource_type}
+    )
+    return _json({"data": data, "meta": {"sequenceId": event.sequence_id, "eventType": event.event_type}})
+
+
+async def admin_delete_user(request: web.Request) -> web.Response:
+    return await _removal(request, lambda store, id_, at: store.delete_user(id_, at=at))
+
+
+async def admin_ban_user(request: web.Request) -> web.Response:
+    return await _removal(request, lambda store, id_, at: store.ban_user(id_, at=at))
+
+
+async def admin_delete_listing(request: web.Request) -> web.Response:
+    return await _removal(request, lambda store, id_, at: store.delete_listing(id_, at=at))
+
+
+async def admin_delete_transaction(request: web.Request) -> web.Response:
+    return await _removal(request, lambda store, id_, at: store.delete_transaction(id_, at=at))
+
+
 async def admin_transitions(request: web.Request) -> web.Response:
     store = simulator(request).store
-    tx_id = (
-        query.parse_uuid(request.query["transactionId"], "transactionId")
-        if "transactionId" in request.query
-        else None
-    )
-    entries = [e.to_json() for e in store.transition_log if tx_id is None or e.transaction_id == tx_id]
+    params = request.query
+    tx_id = query.parse_uuid(params["transactionId"], "transactionId") if "transactionId" in params else None
+    deleted = query.parse_bool(params["deleted"], "deleted") if "deleted" in params else None
+    entries = []
+    for entry in store.transition_log:
+        if tx_id is not None and entry.transaction_id != tx_id:
+            continue
+        deleted_at = store.deleted_transactions.get(entry.transaction_id)
+        if deleted is not None and deleted != (deleted_at is not None):
+            continue
+        line = entry.to_json()
+        if deleted_at is not None:
+            line["transactionDeletedAt"] = deleted_at
+        entries.append(line)
     return _json({"data": entries})
 
 
@@ -264,6 +314,10 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/_sim/transactions", admin_create_transaction)
     app.router.add_post("/_sim/transactions/{id}/transitions", admin_transition)
     app.router.add_post("/_sim/transactions/{id}/messages", admin_message)
+    app.router.add_post("/_sim/users/{id}/delete", admin_delete_user)
+    app.router.add_post("/_sim/users/{id}/ban", admin_ban_user)
+    app.router.add_post("/_sim/listings/{id}/delete", admin_delete_listing)
+    app.router.add_post("/_sim/transactions/{id}/delete", admin_delete_transaction)
     app.router.add_get("/_sim/transitions", admin_transitions)
     app.router.add_get("/_sim/stats", admin_stats)
     app.router.add_post("/_sim/stats/reset", admin_stats_reset)

@@ -33,6 +33,7 @@ __all__ = [
     "Transaction",
     "TransitionEntry",
     "User",
+    "at_defaults",
     "copy_tree",
     "ref_tree",
 ]
@@ -49,6 +50,17 @@ def copy_tree(value: Any) -> Any:
     if isinstance(value, list):
         return [copy_tree(v) for v in value]
     return value
+
+
+def at_defaults(attributes: JsonObject, **flags: bool) -> JsonObject:
+    """Every attribute at its default (false for booleans, null for all else), then ``flags`` set.
+
+    How the API shows a deleted listing and a deleted or banned user: the keys stay,
+    the data goes.
+    """
+    out: JsonObject = {name: False if isinstance(value, bool) else None for name, value in attributes.items()}
+    out.update(flags)
+    return out
 
 
 class Entity:
@@ -135,6 +147,21 @@ class User(Entity):
     private_data: JsonObject = field(default_factory=dict)
     metadata: JsonObject = field(default_factory=dict)
     profile_image_id: uuid.UUID | None = None
+    deleted_at: datetime | None = None
+    banned_at: datetime | None = None
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
+
+    @property
+    def banned(self) -> bool:
+        return self.banned_at is not None
+
+    @property
+    def gone(self) -> bool:
+        """Deleted or banned: shown without data, unable to sign up for anything new."""
+        return self.deleted or self.banned
 
     @property
     def display_name(self) -> str:
@@ -145,6 +172,14 @@ class User(Entity):
         return f"{self.first_name[:1]}{self.last_name[:1]}"
 
     def attributes(self) -> JsonObject:
+        full = self._full_attributes()
+        if self.deleted:
+            return at_defaults(full, deleted=True)
+        if self.banned:
+            return at_defaults(full, banned=True)
+        return full
+
+    def _full_attributes(self) -> JsonObject:
         protected = copy_tree(self.protected_data)
         if self.phone_number is not None:
             # The web template keeps the phone number in protected data; so do we.
@@ -169,7 +204,7 @@ class User(Entity):
         }
 
     def relationships(self) -> dict[str, Ref | list[Ref] | None]:
-        image = None if self.profile_image_id is None else ("image", self.profile_image_id)
+        image = None if self.profile_image_id is None or self.gone else ("image", self.profile_image_id)
         return {"marketplace": ("marketplace", self.marketplace_id), "profileImage": image}
 
 
@@ -188,8 +223,17 @@ class Listing(Entity):
     public_data: JsonObject = field(default_factory=dict)
     private_data: JsonObject = field(default_factory=dict)
     metadata: JsonObject = field(default_factory=dict)
+    deleted_at: datetime | None = None
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
 
     def attributes(self) -> JsonObject:
+        full = self._full_attributes()
+        return at_defaults(full, deleted=True) if self.deleted else full
+
+    def _full_attributes(self) -> JsonObject:
         return {
             "title": self.title,
             "description": self.description,

@@ -1,8 +1,11 @@
 """In-memory marketplace state for the Integration API simulator.
 
 The :class:`Store` holds one marketplace with its users, listings, transactions,
-bookings and messages, the event log the API's ``events/query`` serves, and the
-ground-truth log of every transition ever applied (in apply order). Nothing here
+bookings, messages, reviews and profile images, the event log the API's
+``events/query`` serves, and the ground-truth log of every transition ever applied
+(in apply order, kept when a transaction is deleted). Deleting and banning live in
+:mod:`worker.sim.removals`, reviews in :mod:`worker.sim.reviews`, ``previousValues``
+in :mod:`worker.sim.changes`. Nothing here
 speaks HTTP: the aiohttp layer and the traffic generator both drive the store
 through its methods, and tests may do the same directly.
 
@@ -24,10 +27,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.api.wire import Money
-from worker.errors import FlexworkerError
 from worker.processes import IllegalTransitionError, Transition, get_process
+from worker.sim import removals
 from worker.sim.changes import extended_data_changes, previous_values
 from worker.sim.clock import Clock, utc_now
+from worker.sim.errors import InvalidArgumentError, MissingResourceError, SimStoreError
 from worker.sim.resources import (
     BOOKING_STATE,
     Booking,
@@ -91,18 +95,6 @@ def truncate_ms(at: datetime) -> datetime:
     return at.replace(microsecond=at.microsecond // 1000 * 1000)
 
 
-class SimStoreError(FlexworkerError):
-    """Base of the store's refusals."""
-
-
-class MissingResourceError(SimStoreError, LookupError):
-    """No resource of that type has that id."""
-
-
-class InvalidArgumentError(SimStoreError, ValueError):
-    """An argument makes no sense (a time before the last transition, a stranger as sender, ...)."""
-
-
 _DEFAULT_SOURCE = {
     "customer": "source/marketplace-api",
     "provider": "source/marketplace-api",
@@ -136,10 +128,19 @@ class Store:
         self.reviews: dict[uuid.UUID, Review] = {}
         #: Event ``k`` (0-based) has sequence id ``k + 1``.
         self.events: list[Event] = []
-        #: Every transition ever applied, in apply order.
+        #: Every transition ever applied, in apply order; deleting a transaction keeps its lines.
         self.transition_log: list[LoggedTransition] = []
+        #: When each deleted transaction was deleted (ground truth: the API has forgotten them).
+        self.deleted_transactions: dict[uuid.UUID, datetime] = {}
+        #: The deleted transactions themselves, as they were when deleted.
+        self.removed_transactions: dict[uuid.UUID, Transaction] = {}
 
     # -- basics ---------------------------------------------------------------------
+
+    @property
+    def admin_id(self) -> uuid.UUID:
+        """The Console admin the simulator's operator actions are audited as."""
+        return _derived_id(b"console-admin", self.marketplace.id)
 
     @property
     def rng(self) -> random.Random:
@@ -326,6 +327,8 @@ class Store:
         Emits ``listing/created``.
         """
         author = self.user(author_id)
+        if author.gone:
+            raise InvalidArgumentError(f"user {author.id} is deleted or banned and cannot list")
         process = get_process(process_name or self._rng.choice(("default-booking", "default-purchase")))
         titles = _BOOKING_TITLES if process.has_booking else _PURCHASE_TITLES
         data: JsonObject = {
@@ -385,6 +388,13 @@ class Store:
             raise IllegalTransitionError(f"{transition} cannot start a {process.name} transaction")
         if customer.id == listing.author_id:
             raise InvalidArgumentError("a provider cannot buy from their own listing")
+        if listing.deleted or listing.state != "published":
+            raise InvalidArgumentError(
+                f"listing {listing.id} is {'deleted' if listing.deleted else listing.state}"
+            )
+        for party in (customer, self.user(listing.author_id)):
+            if party.gone:
+                raise InvalidArgumentError(f"user {party.id} is deleted or banned")
         created_at = self.at_or_now(at)
         if process.has_booking:
             if booking_start is None:
@@ -441,6 +451,9 @@ class Store:
         tx.process.target(tx.state, transition)
         if by is not None and by != tr.actor:
             raise IllegalTransitionError(f"{transition} is performed by {tr.actor}, not {by}")
+        deleted = self.deleted_party(tx)
+        if deleted is not None:
+            raise IllegalTransitionError(f"transaction {tx.id} cannot move on: its {deleted} was deleted")
         when = self.at_or_now(at)
         if when < tx.last_transitioned_at:
             raise InvalidArgumentError(
@@ -560,6 +573,8 @@ class Store:
         sender = sender_id or tx.customer_id
         if sender not in (tx.customer_id, tx.provider_id):
             raise InvalidArgumentError("only the customer or the provider can message in a transaction")
+        if self.user(sender).gone:
+            raise InvalidArgumentError(f"user {sender} is deleted or banned and cannot message")
         when = self.at_or_now(at)
         if tx.messages and when < tx.messages[-1].created_at:
             raise InvalidArgumentError("messages must be added in chronological order")
@@ -576,6 +591,31 @@ class Store:
             related_ids=frozenset({tx.id, sender}),
         )
         return message
+
+    # -- deleting and banning (see worker.sim.removals) -------------------------------
+
+    def deleted_party(self, tx: Transaction) -> str | None:
+        """``"customer"`` or ``"provider"`` when that party of ``tx`` was deleted, else ``None``."""
+        for role, user_id in (("customer", tx.customer_id), ("provider", tx.provider_id)):
+            if self.user(user_id).deleted:
+                return role
+        return None
+
+    def delete_user(self, user_id: uuid.UUID, *, at: datetime | None = None) -> Event:
+        """Delete a user and their listings; emits ``listing/deleted`` for each, then ``user/deleted``."""
+        return removals.delete_user(self, self.user(user_id), self.at_or_now(at))
+
+    def ban_user(self, user_id: uuid.UUID, *, at: datetime | None = None) -> Event:
+        """Ban a user and close their listings; emits ``user/updated``, then ``listing/updated`` for each."""
+        return removals.ban_user(self, self.user(user_id), self.at_or_now(at))
+
+    def delete_listing(self, listing_id: uuid.UUID, *, at: datetime | None = None) -> Event:
+        """Delete a listing; emits ``listing/deleted``."""
+        return removals.delete_listing(self, self.listing(listing_id), self.at_or_now(at))
+
+    def delete_transaction(self, transaction_id: uuid.UUID, *, at: datetime | None = None) -> Event:
+        """Delete a transaction (its transitions stay in the ground truth); emits ``transaction/deleted``."""
+        return removals.delete_transaction(self, self.transaction(transaction_id), self.at_or_now(at))
 
 
 def _derived_id(kind: bytes, of: uuid.UUID) -> uuid.UUID:
