@@ -18,7 +18,9 @@ Parts:
 
 * :class:`SimConfig` — credentials, token lifetime, page cap, rate limits
   (``None`` = off; the default is the dev marketplace preset), faults, seed,
-  live traffic rate, clock.
+  live traffic rate, reviews and the traffic's :class:`Activity` (messages,
+  deletions, bans; off by default, :data:`LIVELY` in ``flexworker sim`` and the
+  demo), clock (a :class:`ManualClock` in tests).
 * :class:`Simulator` — owns the :class:`~worker.sim.store.Store`, the
   :class:`~worker.sim.traffic.Traffic` generator, the token authority, the rate
   limiter, the fault injector and the :class:`~worker.sim.faults.SimStats`.
@@ -50,9 +52,11 @@ from worker.sim.clock import ManualClock
 from worker.sim.faults import FaultConfig, FaultInjector, RateLimiter, SimStats
 from worker.sim.query import DEFAULT_PAGE_CAP
 from worker.sim.store import Clock, LoggedTransition, Store, utc_now
-from worker.sim.traffic import Traffic
+from worker.sim.traffic import LIVELY, Activity, Traffic
 
 __all__ = [
+    "LIVELY",
+    "Activity",
     "FaultConfig",
     "ManualClock",
     "SimConfig",
@@ -94,6 +98,9 @@ class SimConfig:
     #: Review transitions write review resources (``review/created``, ``review/updated``).
     #: Off by default: reviews draw ids, so turning them on changes a seed's later ids.
     reviews: bool = False
+    #: What traffic does besides transitions (messages, deletions, bans); all off by
+    #: default so a seed's traffic stays what it was; :data:`LIVELY` for a demo.
+    activity: Activity = field(default_factory=Activity)
 
 
 class Simulator:
@@ -119,6 +126,7 @@ class Simulator:
             rate=config.traffic_rate,
             users=config.traffic_users,
             listings=config.traffic_listings,
+            activity=config.activity,
         )
 
     @property
