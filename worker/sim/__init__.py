@@ -13,6 +13,7 @@ This is the surface tests, the demo and plugin authors use::
         sim.expire_tokens()                   # every access token answers 401 now
     assert sim.stats.too_many_requests == 0   # counters of what was answered
     sim.store.transition_log                  # ground truth: every transition applied
+    sim.store.delete_user(user_id)            # deletions and bans at chosen moments
 
 Parts:
 

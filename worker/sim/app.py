@@ -16,7 +16,10 @@ same refresh token (no rotation); revoking an unknown token answers 200 (as OAut
 revocation does); bad client credentials answer 401 ``auth-invalid-client`` and an
 unknown refresh token 401 ``auth-invalid-refresh-token``; a command on an unknown
 transaction answers 404 ``not-found``; ``params`` of a transition are accepted
-and ignored; an unknown transition name answers 409 like an illegal one.
+and ignored; an unknown transition name answers 409 like an illegal one; a
+deleted or banned user and a deleted listing are still answered by the show
+endpoints (see :mod:`worker.sim.removals`); a transaction of a deleted party
+answers 409 to a transition.
 """
 
 from __future__ import annotations
