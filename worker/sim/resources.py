@@ -122,7 +122,7 @@ class Image(Entity):
     height_px: int = 720
 
     def attributes(self) -> JsonObject:
-        # example.com never resolves: nothing fetches these, but clients may keep the URL.
+        # A domain reserved for examples: nothing fetches these, but clients may keep the URL.
         url = f"https://example.com/sim/images/{self.id}/default"
         return {
             "variants": {
