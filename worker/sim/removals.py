@@ -55,6 +55,7 @@ def delete_user(store: Store, user: User, at: datetime) -> Event:
     for listing in _listings_of(store, user):
         if not listing.deleted:
             _delete_listing(store, listing, at, source=_SELF_SERVICE, user=user)
+    store.removals += 1
     before = removed(user.resource(with_relationships=True))
     attributes: JsonObject = before["attributes"]
     attributes["email"] = None
@@ -77,6 +78,7 @@ def ban_user(store: Store, user: User, at: datetime) -> Event:
     """Ban ``user`` and close their published listings; returns the ``user/updated`` event."""
     if user.gone:
         raise InvalidArgumentError(f"user {user.id} is already {'deleted' if user.deleted else 'banned'}")
+    store.removals += 1
     before = user.resource(with_relationships=True)
     user.banned_at = at
     event = store.emit(
@@ -112,6 +114,7 @@ def delete_listing(store: Store, listing: Listing, at: datetime) -> Event:
 
 def delete_transaction(store: Store, tx: Transaction, at: datetime) -> Event:
     """Remove ``tx`` with its booking and messages; returns the ``transaction/deleted`` event."""
+    store.removals += 1
     before = removed(tx.resource(with_relationships=True))
     del store.transactions[tx.id]
     store.deleted_transactions[tx.id] = at
@@ -133,6 +136,7 @@ def delete_transaction(store: Store, tx: Transaction, at: datetime) -> Event:
 
 
 def _delete_listing(store: Store, listing: Listing, at: datetime, *, source: str, user: User | None) -> Event:
+    store.removals += 1
     before = removed(listing.resource(with_relationships=True))
     listing.deleted_at = at
     admin_id = store.admin_id if source == _CONSOLE else None

@@ -134,6 +134,8 @@ class Store:
         self.deleted_transactions: dict[uuid.UUID, datetime] = {}
         #: The deleted transactions themselves, as they were when deleted.
         self.removed_transactions: dict[uuid.UUID, Transaction] = {}
+        #: How many deletions and bans happened: a cheap "did anything go?" for the traffic.
+        self.removals = 0
 
     # -- basics ---------------------------------------------------------------------
 

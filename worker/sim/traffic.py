@@ -167,6 +167,7 @@ class Traffic:
         self._open_at: dict[uuid.UUID, int] = {}
         #: Transactions traffic saw finish: the ones it may delete.
         self._finished: list[uuid.UUID] = []
+        self._removals_seen = 0
         self._follow: uuid.UUID | None = None
         self._last_at: datetime | None = None
         self._task: asyncio.Task[None] | None = None
@@ -195,6 +196,9 @@ class Traffic:
     def _heal_pool(self) -> None:
         # Someone (traffic itself or a test through /_sim/) may have deleted or banned
         # pool members: newcomers take their places, so choices stay among usable ones.
+        if self.store.removals == self._removals_seen:
+            return
+        self._removals_seen = self.store.removals
         for index, user in enumerate(self.users):
             if user.gone:
                 self.users[index] = self.store.create_user()
