@@ -104,9 +104,10 @@ async def test_update_metadata_merges_and_emits_an_event(
     )
     assert models.parse_document(models.Transaction, second.body).attributes.metadata == {"sms": "sent"}
     events = (await sim_http.get("events/query", {"eventTypes": "transaction/updated"})).body["data"]
+    # Per top-level metadata key: null for a key that was added, the old value for one removed.
     assert [e["attributes"]["previousValues"] for e in events] == [
-        {"attributes": {"metadata": {}}},
-        {"attributes": {"metadata": {"crm": {"deal": 7}}}},
+        {"attributes": {"metadata": {"crm": None}}},
+        {"attributes": {"metadata": {"crm": {"deal": 7}, "sms": None}}},
     ]
     assert events[-1]["attributes"]["resource"]["attributes"]["metadata"] == {"sms": "sent"}
     bad = await sim_http.command("transactions/update_metadata", {"id": tx_id, "metadata": [1]})

@@ -138,3 +138,27 @@ async def test_events_in_transit_match_json(busy: Simulator, sim_http: SimHttp) 
     as_transit = await sim_http.get("events/query", params, accept=wire.TRANSIT_MIME)
     assert as_transit.content_type == wire.TRANSIT_MIME
     assert as_transit.body == as_json.body
+
+
+async def test_meta_carries_the_page_size(busy: Simulator, sim_http: SimHttp) -> None:
+    full = (await sim_http.get("events/query")).body
+    assert full["meta"] == {"perPage": 100} and len(full["data"]) == full["meta"]["perPage"]
+    small = (await sim_http.get("events/query", {"perPage": "7"})).body
+    assert small["meta"] == {"perPage": 7} and len(small["data"]) == 7
+    last = str(busy.store.last_sequence_id - 2)
+    short = (await sim_http.get("events/query", {"startAfterSequenceId": last, "perPage": "7"})).body
+    assert short["meta"] == {"perPage": 7} and len(short["data"]) == 2  # shorter than perPage: caught up
+    none = (
+        await sim_http.get("events/query", {"startAfterSequenceId": str(busy.store.last_sequence_id)})
+    ).body
+    assert none == {"data": [], "meta": {"perPage": 100}}
+
+
+async def test_every_event_names_its_marketplace(busy: Simulator, sim_http: SimHttp) -> None:
+    market = (await sim_http.get("marketplace/show")).body["data"]["id"]
+    events = await _events(sim_http, perPage="100", startAfterSequenceId="0")
+    types = {e["attributes"]["eventType"] for e in events}
+    assert {"user/created", "listing/created", "transaction/initiated"} <= types
+    assert {e["attributes"]["marketplaceId"] for e in events} == {market}
+    transit = (await sim_http.get("events/query", {"perPage": "3"}, accept=wire.TRANSIT_MIME)).body
+    assert [e["attributes"]["marketplaceId"] for e in transit["data"]] == [market] * 3

@@ -172,12 +172,11 @@ def test_update_metadata_merges_deletes_and_skips_no_ops(store: Store) -> None:
     tx = store.initiate_transaction(listing_id, customer_id, "transition/inquire")
     first = store.update_metadata(tx.id, {"a": 1, "b": {"c": 2}})
     assert first is not None and first.event_type == "transaction/updated"
-    assert first.previous_values == {"attributes": {"metadata": {}}}
+    assert first.previous_values == {"attributes": {"metadata": {"a": None, "b": None}}}
     second = store.update_metadata(tx.id, {"a": None, "d": "x"})
     assert tx.metadata == {"b": {"c": 2}, "d": "x"}
-    assert second is not None and second.previous_values == {
-        "attributes": {"metadata": {"a": 1, "b": {"c": 2}}}
-    }
+    # "b" did not change, so it is left out.
+    assert second is not None and second.previous_values == {"attributes": {"metadata": {"a": 1, "d": None}}}
     assert store.update_metadata(tx.id, {"d": "x"}) is None
     assert store.update_metadata(tx.id, {"missing": None}) is None
 

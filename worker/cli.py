@@ -13,13 +13,16 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from worker import __version__
 from worker.api.wire import parse_time
 from worker.errors import ConfigError, FlexworkerError
 
-__all__ = ["build_parser", "main"]
+if TYPE_CHECKING:
+    from worker.sim import SimConfig
+
+__all__ = ["build_parser", "main", "sim_config"]
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -45,6 +48,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_CONFIG, f"flexworker: error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+#: The simulator's side-activity settings: Activity field, what it makes happen.
+_ACTIVITY_FLAGS = (
+    ("message_share", "a party sends a message"),
+    ("user_deletion_share", "a user deletes their account"),
+    ("user_ban_share", "an operator bans a user"),
+    ("listing_deletion_share", "an operator deletes a listing"),
+    ("transaction_deletion_share", "a finished transaction is deleted"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--truncated-rate", type=_fraction, default=0.0, help="share of truncated bodies")
     sim.add_argument("--malformed-rate", type=_fraction, default=0.0, help="share of malformed JSON bodies")
     sim.add_argument("--latency-s", type=_non_negative, default=0.0, help="latency added to each answer")
+    sim.add_argument(
+        "--reviews",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="review transitions write reviews (default on)",
+    )
+    for name, what in _ACTIVITY_FLAGS:
+        sim.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=_fraction,
+            default=None,
+            help=f"odds per transition that {what}; 0 never (default: the lively preset)",
+        )
 
     commands.add_parser(
         "check",
@@ -203,11 +229,18 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def _run_sim(args: argparse.Namespace) -> None:
+def sim_config(args: argparse.Namespace) -> SimConfig:
+    """The simulator configuration ``flexworker sim`` arguments describe."""
     from worker.api.ratelimit import PRESETS
-    from worker.sim import FaultConfig, SimConfig, run_simulator
+    from worker.sim import LIVELY, Activity, FaultConfig, SimConfig
 
-    config = SimConfig(
+    activity = Activity(
+        **{
+            name: getattr(LIVELY, name) if getattr(args, name) is None else getattr(args, name)
+            for name, _ in _ACTIVITY_FLAGS
+        }
+    )
+    return SimConfig(
         seed=args.seed,
         traffic_rate=args.rate,
         rate_limits=PRESETS["dev"] if args.rate_limit == "dev" else None,
@@ -220,8 +253,15 @@ async def _run_sim(args: argparse.Namespace) -> None:
             malformed_rate=args.malformed_rate,
             latency_s=args.latency_s,
         ),
+        reviews=args.reviews,
+        activity=activity,
     )
-    await run_simulator(config, args.host, args.port)
+
+
+async def _run_sim(args: argparse.Namespace) -> None:
+    from worker.sim import run_simulator
+
+    await run_simulator(sim_config(args), args.host, args.port)
 
 
 async def _run_check() -> None:

@@ -5,6 +5,12 @@ It starts the simulator with live traffic, a private redis-server on a free port
 handler, shows live progress, and at the end compares what was delivered with
 every transition the simulator applied: missing, duplicated, and the latency from
 a transition to its delivery. It exits non-zero if anything is missing or doubled.
+
+The marketplace is lively (:data:`worker.sim.LIVELY`): reviews, messages, and now
+and then a user deleted or banned, a listing or a finished transaction deleted. A
+transition of a transaction deleted before the poller saw it cannot be delivered
+by the ``transactions`` source; it counts as lost with its transaction, not as
+missing.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from worker.ops.redis_server import RedisServer
 from worker.ops.status import HandlerStats, read_handler_stats
 from worker.service import open_redis, run_poller, run_worker
 from worker.settings import Settings
-from worker.sim import SimConfig, Simulator, serve
+from worker.sim import LIVELY, SimConfig, Simulator, serve
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -43,6 +49,8 @@ class DemoResult:
     missing: list[str]
     duplicated: list[str]
     latencies_s: list[float]
+    #: undelivered transitions whose transaction was deleted first (not a failure).
+    lost_with_deleted: int = 0
     #: per handler: done, retried, dead-lettered, skipped.
     handlers: dict[str, HandlerStats] = field(default_factory=dict)
 
@@ -66,19 +74,25 @@ def _redis(redis_url: str | None) -> Iterator[str]:
         yield server.url
 
 
-def _expected_keys(sim: Simulator, since: datetime) -> list[str]:
-    return [
-        event_key(record.transaction_id, record.transition, record.created_at)
-        for record in sim.store.transition_log
-        if record.created_at >= since
-    ]
+def _expected_keys(sim: Simulator, since: datetime) -> tuple[list[str], set[str]]:
+    """Keys of every transition since ``since``, and those of them whose transaction was deleted."""
+    expected: list[str] = []
+    deleted: set[str] = set()
+    for record in sim.store.transition_log:
+        if record.created_at >= since:
+            key = event_key(record.transaction_id, record.transition, record.created_at)
+            expected.append(key)
+            if record.transaction_id in sim.store.deleted_transactions:
+                deleted.add(key)
+    return expected, deleted
 
 
 def evaluate(sim: Simulator, jsonl_path: Path, since: datetime) -> DemoResult:
     """Compare the jsonl audit file with the simulator's ground truth."""
-    expected = _expected_keys(sim, since)
+    expected, deleted = _expected_keys(sim, since)
     records = read_jsonl(jsonl_path)
     counts = Counter(str(r["key"]) for r in records)
+    undelivered = [key for key in expected if key not in counts]
     latencies = [
         (datetime.fromisoformat(r["delivered_at"]) - datetime.fromisoformat(r["at"])).total_seconds()
         for r in records
@@ -86,9 +100,10 @@ def evaluate(sim: Simulator, jsonl_path: Path, since: datetime) -> DemoResult:
     return DemoResult(
         made=len(expected),
         delivered=len(counts),
-        missing=[key for key in expected if key not in counts],
+        missing=[key for key in undelivered if key not in deleted],
         duplicated=[key for key, n in counts.items() if n > 1],
         latencies_s=latencies,
+        lost_with_deleted=sum(1 for key in undelivered if key in deleted),
     )
 
 
@@ -133,7 +148,7 @@ async def run_demo(
 ) -> DemoResult:
     """Run the demo and return its result (the CLI prints it)."""
     console = console or Console()
-    sim = Simulator(SimConfig(seed=seed, traffic_rate=0.0))
+    sim = Simulator(SimConfig(seed=seed, traffic_rate=0.0, reviews=True, activity=LIVELY))
     with tempfile.TemporaryDirectory(prefix="flexworker-demo-") as tmp, _redis(redis_url) as url:
         jsonl_path = Path(tmp) / "events.jsonl"
         async with serve(sim) as base_url:
@@ -195,6 +210,7 @@ def summary(result: DemoResult) -> Table:
             ("delivered", str(result.delivered)),
             ("missing", str(len(result.missing))),
             ("duplicated", str(len(result.duplicated))),
+            ("lost with a deleted transaction", str(result.lost_with_deleted)),
             ("latency p50", seconds(result.percentile_s(0.50))),
             ("latency p95", seconds(result.percentile_s(0.95))),
             ("latency p99", seconds(result.percentile_s(0.99))),

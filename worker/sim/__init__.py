@@ -13,12 +13,15 @@ This is the surface tests, the demo and plugin authors use::
         sim.expire_tokens()                   # every access token answers 401 now
     assert sim.stats.too_many_requests == 0   # counters of what was answered
     sim.store.transition_log                  # ground truth: every transition applied
+    sim.store.delete_user(user_id)            # deletions and bans at chosen moments
 
 Parts:
 
 * :class:`SimConfig` — credentials, token lifetime, page cap, rate limits
   (``None`` = off; the default is the dev marketplace preset), faults, seed,
-  live traffic rate, clock.
+  live traffic rate, reviews and the traffic's :class:`Activity` (messages,
+  deletions, bans; off by default, :data:`LIVELY` in ``flexworker sim`` and the
+  demo), clock (a :class:`ManualClock` in tests).
 * :class:`Simulator` — owns the :class:`~worker.sim.store.Store`, the
   :class:`~worker.sim.traffic.Traffic` generator, the token authority, the rate
   limiter, the fault injector and the :class:`~worker.sim.faults.SimStats`.
@@ -27,7 +30,8 @@ Parts:
 * :func:`run_simulator` — serve until cancelled, printing the URL and
   credentials (the ``flexworker sim`` command).
 
-HTTP routes are listed in :mod:`worker.sim.app`; undocumented API behaviour the
+HTTP routes are listed in :mod:`worker.sim.app` (the API) and
+:mod:`worker.sim.admin` (``/_sim/``); undocumented API behaviour the
 simulator had to choose is described in :mod:`worker.sim.app` and
 :mod:`worker.sim.query`.
 """
@@ -45,13 +49,17 @@ from aiohttp import web
 
 from worker.api.ratelimit import PRESETS, RateLimits
 from worker.sim.app import TokenAuthority, create_app
+from worker.sim.clock import ManualClock
 from worker.sim.faults import FaultConfig, FaultInjector, RateLimiter, SimStats
 from worker.sim.query import DEFAULT_PAGE_CAP
 from worker.sim.store import Clock, LoggedTransition, Store, utc_now
-from worker.sim.traffic import Traffic
+from worker.sim.traffic import LIVELY, Activity, Traffic
 
 __all__ = [
+    "LIVELY",
+    "Activity",
     "FaultConfig",
+    "ManualClock",
     "SimConfig",
     "SimStats",
     "Simulator",
@@ -82,11 +90,18 @@ class SimConfig:
     traffic_rate: float = 0.0
     traffic_users: int = 12
     traffic_listings: int = 8
-    #: Source of "now" for the store and token expiry: aware UTC datetimes.
+    #: Source of "now" for the store, token expiry and the ``Date`` header: aware UTC
+    #: datetimes (a :class:`ManualClock` in tests).
     clock: Clock = utc_now
     #: Refuse query parameters an endpoint does not know (400 validation-disallowed-key).
     strict_params: bool = True
     marketplace_name: str = "Sim Market"
+    #: Review transitions write review resources (``review/created``, ``review/updated``).
+    #: Off by default: reviews draw ids, so turning them on changes a seed's later ids.
+    reviews: bool = False
+    #: What traffic does besides transitions (messages, deletions, bans); all off by
+    #: default so a seed's traffic stays what it was; :data:`LIVELY` for a demo.
+    activity: Activity = field(default_factory=Activity)
 
 
 class Simulator:
@@ -94,7 +109,12 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config = config or SimConfig()
-        self.store = Store(seed=config.seed, clock=config.clock, marketplace_name=config.marketplace_name)
+        self.store = Store(
+            seed=config.seed,
+            clock=config.clock,
+            marketplace_name=config.marketplace_name,
+            reviews=config.reviews,
+        )
         self.stats = SimStats()
         self.auth = TokenAuthority(
             config.client_id, config.client_secret, config.token_lifetime_s, config.clock
@@ -107,6 +127,7 @@ class Simulator:
             rate=config.traffic_rate,
             users=config.traffic_users,
             listings=config.traffic_listings,
+            activity=config.activity,
         )
 
     @property

@@ -1,4 +1,4 @@
-"""The simulator's aiohttp application: authentication, the Integration API, and admin routes.
+"""The simulator's aiohttp application: authentication and the Integration API.
 
 Routes (``{api}`` is ``/v1/integration_api``):
 
@@ -9,14 +9,17 @@ Routes (``{api}`` is ``/v1/integration_api``):
 * ``POST {api}/transactions/transition`` and ``transactions/update_metadata``
   (JSON or Transit bodies; ``?expand=true`` for the full resource).
 * ``/_sim/...`` — ground truth and knobs for tests, JSON only, never
-  authenticated, rate limited or faulted (see :func:`create_app` for the list).
+  authenticated, rate limited or faulted (listed in :mod:`worker.sim.admin`).
 
 Choices where the API's behaviour is not documented: a refresh grant keeps the
 same refresh token (no rotation); revoking an unknown token answers 200 (as OAuth
 revocation does); bad client credentials answer 401 ``auth-invalid-client`` and an
 unknown refresh token 401 ``auth-invalid-refresh-token``; a command on an unknown
 transaction answers 404 ``not-found``; ``params`` of a transition are accepted
-and ignored; an unknown transition name answers 409 like an illegal one.
+and ignored; an unknown transition name answers 409 like an illegal one; a
+deleted or banned user and a deleted listing are still answered by the show
+endpoints (see :mod:`worker.sim.removals`); a transaction of a deleted party
+answers 409 to a transition.
 """
 
 from __future__ import annotations
@@ -27,17 +30,18 @@ import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from worker.api.ratelimit import PRESETS, RateLimits
-from worker.api.wire import JSON_MIME, TRANSIT_MIME, Money, WireFormatError, decode, encode, parse_time
-from worker.errors import ConfigError
+from worker.api.wire import JSON_MIME, TRANSIT_MIME, WireFormatError, decode
 from worker.processes import IllegalTransitionError, UnknownProcessError
 from worker.sim import query
+from worker.sim.admin import add_admin_routes
 from worker.sim.envelope import answer, error_response
+from worker.sim.http import SIM_KEY, ApiProblem, query_params, simulator
 from worker.sim.query import ParamError, View
 from worker.sim.store import Clock, Entity, InvalidArgumentError, MissingResourceError
 
@@ -52,27 +56,6 @@ API = "/v1/integration_api"
 FORM_MIME = "application/x-www-form-urlencoded"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SIM_KEY: web.AppKey[Simulator] = web.AppKey("simulator")
-
-
-class ApiProblem(Exception):
-    """An error answer a handler wants sent, in the API's envelope."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        details: str | None = None,
-        *,
-        source_path: list[str] | None = None,
-        source_type: str = "body",
-    ) -> None:
-        super().__init__(details or code)
-        self.status = status
-        self.code = code
-        self.details = details
-        self.source_path = source_path
-        self.source_type = source_type
 
 
 # -- tokens -----------------------------------------------------------------------------
@@ -158,24 +141,12 @@ class TokenAuthority:
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _sim(request: web.Request) -> Simulator:
-    return request.app[SIM_KEY]
-
-
-def _query_params(request: web.Request) -> dict[str, str]:
-    # The first value wins when a parameter repeats.
-    out: dict[str, str] = {}
-    for key, value in request.query.items():
-        out.setdefault(key, value)
-    return out
-
-
 def _authorize(request: web.Request) -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
         raise ApiProblem(401, "auth-missing-access-token", "send Authorization: bearer <access token>")
-    if scheme.lower() != "bearer" or not _sim(request).auth.valid(token.strip()):
+    if scheme.lower() != "bearer" or not simulator(request).auth.valid(token.strip()):
         raise ApiProblem(401, "auth-invalid-access-token", "access token is unknown, revoked or expired")
 
 
@@ -193,28 +164,17 @@ async def _command_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = decode(raw) if raw else {}
-    except WireFormatError as exc:
-        raise ApiProblem(400, "validation-invalid-value", f"body does not parse: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ApiProblem(400, "validation-invalid-value", "body must be a JSON object")
-    return body
-
-
 def _strict(request: web.Request, params: Mapping[str, str], allowed: list[str]) -> None:
-    if _sim(request).config.strict_params:
+    if simulator(request).config.strict_params:
         query.check_allowed(params, allowed)
 
 
 def _show(request: web.Request, type_: str) -> web.Response:
     _authorize(request)
-    params = _query_params(request)
+    params = query_params(request)
     _strict(request, params, ["id", "include"])
     view = query.parse_view(params, type_)
-    store = _sim(request).store
+    store = simulator(request).store
     id_ = query.require_uuid(params, "id")
     entity = store.get(type_, id_)
     if entity is None:
@@ -227,10 +187,10 @@ def _show(request: web.Request, type_: str) -> web.Response:
 
 async def marketplace_show(request: web.Request) -> web.Response:
     _authorize(request)
-    params = _query_params(request)
+    params = query_params(request)
     _strict(request, params, ["include"])
     view = query.parse_view(params, "marketplace")
-    store = _sim(request).store
+    store = simulator(request).store
     return answer(request, query.render_document(store, store.marketplace, view))
 
 
@@ -248,8 +208,8 @@ async def transactions_show(request: web.Request) -> web.Response:
 
 async def transactions_query(request: web.Request) -> web.Response:
     _authorize(request)
-    sim = _sim(request)
-    params = _query_params(request)
+    sim = simulator(request)
+    params = query_params(request)
     _strict(request, params, query.TRANSACTION_QUERY_PARAMS)
     q = query.parse_transaction_query(params)
     view = query.parse_view(params, "transaction")
@@ -259,23 +219,24 @@ async def transactions_query(request: web.Request) -> web.Response:
 
 async def events_query(request: web.Request) -> web.Response:
     _authorize(request)
-    sim = _sim(request)
-    params = _query_params(request)
+    sim = simulator(request)
+    params = query_params(request)
     _strict(request, params, [*query.EVENT_QUERY_PARAMS, "include"])
     q = query.parse_events_query(params)
     view = query.parse_view(params, "event")
-    return answer(request, query.render_document(sim.store, query.query_events(sim.store, q), view))
+    events = query.query_events(sim.store, q)
+    return answer(request, query.render_document(sim.store, events, view, meta=query.events_meta(q)))
 
 
 def _command_answer(request: web.Request, expand: bool, entity: Entity, view: View) -> web.Response:
     if expand:
-        return answer(request, query.render_document(_sim(request).store, entity, view))
+        return answer(request, query.render_document(simulator(request).store, entity, view))
     return answer(request, {"data": {"id": entity.id, "type": entity.TYPE}})
 
 
 def _command_params(request: web.Request) -> tuple[bool, View]:
     # Validated before the command runs, so a bad parameter never leaves a half-answered change.
-    params = _query_params(request)
+    params = query_params(request)
     _strict(request, params, ["expand", "include"])
     expand = query.parse_bool(params.get("expand", "false"), "expand")
     return expand, query.parse_view(params, "transaction")
@@ -283,7 +244,7 @@ def _command_params(request: web.Request) -> tuple[bool, View]:
 
 async def transactions_transition(request: web.Request) -> web.Response:
     _authorize(request)
-    sim = _sim(request)
+    sim = simulator(request)
     expand, view = _command_params(request)
     body = await _command_body(request)
     tx_id = query.require_uuid(body, "id", source_type="body")
@@ -304,7 +265,7 @@ async def transactions_transition(request: web.Request) -> web.Response:
 
 async def transactions_update_metadata(request: web.Request) -> web.Response:
     _authorize(request)
-    sim = _sim(request)
+    sim = simulator(request)
     expand, view = _command_params(request)
     body = await _command_body(request)
     tx_id = query.require_uuid(body, "id", source_type="body")
@@ -338,7 +299,7 @@ def _form_field(form: Mapping[str, str], name: str) -> str:
 
 
 async def auth_token(request: web.Request) -> web.Response:
-    auth = _sim(request).auth
+    auth = simulator(request).auth
     form = await _form(request)
     grant = _form_field(form, "grant_type")
     if grant == "client_credentials":
@@ -357,217 +318,8 @@ async def auth_token(request: web.Request) -> web.Response:
 
 async def auth_revoke(request: web.Request) -> web.Response:
     form = await _form(request)
-    revoked = _sim(request).auth.revoke(_form_field(form, "token"))
+    revoked = simulator(request).auth.revoke(_form_field(form, "token"))
     return web.json_response({"revoked": revoked})
-
-
-# -- /_sim/ admin --------------------------------------------------------------------------
-
-
-def _opt_time(body: Mapping[str, Any], key: str) -> datetime | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    try:
-        return parse_time(str(value))
-    except ValueError:
-        raise ParamError(key, f"not an ISO 8601 time: {value!r}", source_type="body") from None
-
-
-def _opt_uuid(body: Mapping[str, Any], key: str) -> Any:
-    return None if body.get(key) is None else query.parse_uuid(body[key], key, source_type="body")
-
-
-def _opt_object(body: Mapping[str, Any], key: str) -> dict[str, Any] | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, dict):
-        raise ParamError(key, "must be an object", code="validation-invalid-value", source_type="body")
-    return value
-
-
-def _data(entity: Entity, status: int = 200, **extra: Any) -> web.Response:
-    body = {"data": entity.resource(with_relationships=True), **extra}
-    return web.Response(status=status, body=encode(body), content_type=JSON_MIME)
-
-
-def _json(tree: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=encode(tree), content_type=JSON_MIME)
-
-
-async def admin_create_user(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    user = _sim(request).store.create_user(
-        email=body.get("email"),
-        first_name=body.get("firstName"),
-        last_name=body.get("lastName"),
-        phone_number=body.get("phoneNumber"),
-        public_data=_opt_object(body, "publicData"),
-        protected_data=_opt_object(body, "protectedData"),
-        private_data=_opt_object(body, "privateData"),
-        metadata=_opt_object(body, "metadata"),
-        at=_opt_time(body, "at"),
-    )
-    return _data(user, 201)
-
-
-async def admin_create_listing(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    price = _opt_object(body, "price")
-    try:
-        money = Money(int(price["amount"]), str(price["currency"])) if price is not None else None
-    except (KeyError, TypeError, ValueError):
-        raise ParamError(
-            "price", "needs amount and currency", code="validation-invalid-value", source_type="body"
-        ) from None
-    listing = _sim(request).store.create_listing(
-        query.require_uuid(body, "authorId", source_type="body"),
-        process_name=body.get("processName"),
-        title=body.get("title"),
-        price=money,
-        public_data=_opt_object(body, "publicData"),
-        at=_opt_time(body, "at"),
-    )
-    return _data(listing, 201)
-
-
-async def admin_create_transaction(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    quantity = body.get("quantity")
-    if quantity is not None and not isinstance(quantity, int):
-        raise ParamError(
-            "quantity", "must be an integer", code="validation-invalid-value", source_type="body"
-        )
-    store = _sim(request).store
-    tx = store.initiate_transaction(
-        query.require_uuid(body, "listingId", source_type="body"),
-        query.require_uuid(body, "customerId", source_type="body"),
-        str(body.get("transition") or "transition/request-payment"),
-        at=_opt_time(body, "at"),
-        booking_start=_opt_time(body, "bookingStart"),
-        booking_end=_opt_time(body, "bookingEnd"),
-        quantity=quantity,
-        protected_data=_opt_object(body, "protectedData"),
-    )
-    return _data(tx, 201, meta={"sequenceId": store.last_sequence_id})
-
-
-async def admin_transition(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    store = _sim(request).store
-    tx_id = query.parse_uuid(request.match_info["id"], "id")
-    name = body.get("transition")
-    if not isinstance(name, str):
-        raise ParamError("transition", "required", code="validation-missing-key", source_type="body")
-    by = body.get("by")
-    event = store.apply_transition(tx_id, name, by=by, at=_opt_time(body, "at"))
-    return _data(store.transaction(tx_id), meta={"sequenceId": event.sequence_id})
-
-
-async def admin_message(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    message = _sim(request).store.add_message(
-        query.parse_uuid(request.match_info["id"], "id"),
-        str(body.get("content") or ""),
-        sender_id=_opt_uuid(body, "senderId"),
-        at=_opt_time(body, "at"),
-    )
-    return _data(message, 201)
-
-
-async def admin_transitions(request: web.Request) -> web.Response:
-    store = _sim(request).store
-    tx_id = (
-        query.parse_uuid(request.query["transactionId"], "transactionId")
-        if "transactionId" in request.query
-        else None
-    )
-    entries = [e.to_json() for e in store.transition_log if tx_id is None or e.transaction_id == tx_id]
-    return _json({"data": entries})
-
-
-async def admin_stats(request: web.Request) -> web.Response:
-    sim = _sim(request)
-    return _json(
-        {
-            **sim.stats.to_json(),
-            "grants": dict(sim.auth.grants),
-            "lastSequenceId": sim.store.last_sequence_id,
-            "transactions": len(sim.store.transactions),
-            "transitions": len(sim.store.transition_log),
-        }
-    )
-
-
-async def admin_stats_reset(request: web.Request) -> web.Response:
-    sim = _sim(request)
-    sim.stats.reset()
-    sim.auth.grants.clear()
-    return _json({"reset": True})
-
-
-def _limits_json(limits: RateLimits | None) -> Any:
-    if limits is None:
-        return None
-    return {
-        kind: {
-            "initial": spec.initial,
-            "refillAmount": spec.refill_amount,
-            "refillIntervalS": spec.refill_interval_s,
-            "capacity": spec.capacity,
-        }
-        for kind, spec in (("queries", limits.queries), ("commands", limits.commands))
-    }
-
-
-def _faults_json(sim: Simulator) -> dict[str, Any]:
-    return {"faults": sim.faults.to_json(), "rateLimits": _limits_json(sim.rate_limits)}
-
-
-async def admin_get_faults(request: web.Request) -> web.Response:
-    return _json(_faults_json(_sim(request)))
-
-
-async def admin_set_faults(request: web.Request) -> web.Response:
-    """Change faults and limits.
-
-    Body: ``faults`` (FaultConfig fields to change), ``rateLimit`` (``dev``, ``prod``
-    or ``off``) and ``rateLimitScale`` (time factor for the preset's refill).
-    """
-    sim = _sim(request)
-    body = await _json_body(request)
-    try:
-        if "faults" in body:
-            sim.faults = sim.faults.updated(_opt_object(body, "faults") or {})
-        if "rateLimit" in body:
-            name = body["rateLimit"]
-            if name not in (*PRESETS, "off", None):
-                raise ConfigError(f"unknown rate limit preset {name!r}")
-            limits = None if name in ("off", None) else PRESETS[name]
-            scale = body.get("rateLimitScale")
-            if limits is not None and scale is not None:
-                limits = limits.scaled(float(scale))
-            sim.rate_limits = limits
-    except ConfigError as exc:
-        raise ApiProblem(400, "validation-invalid-value", str(exc)) from exc
-    return _json(_faults_json(sim))
-
-
-async def admin_expire_tokens(request: web.Request) -> web.Response:
-    return _json({"expired": _sim(request).expire_tokens()})
-
-
-async def admin_traffic_step(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    n = body.get("n", 1)
-    if not isinstance(n, int) or n < 0:
-        raise ParamError(
-            "n", "must be a non-negative integer", code="validation-invalid-value", source_type="body"
-        )
-    entries = _sim(request).traffic.step(n)
-    return _json({"data": [e.to_json() for e in entries]})
-
-
-# -- application ---------------------------------------------------------------------------
 
 
 @web.middleware
@@ -600,30 +352,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, 500, "internal-server-error")
 
 
+def _date_stamper(clock: Clock) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+        # aiohttp writes the host's wall clock into Date unless one is set; a client that
+        # estimates the API's clock from Date must see the simulated one instead.
+        response.headers[hdrs.DATE] = format_datetime(clock().astimezone(UTC), usegmt=True)
+
+    return stamp
+
+
 def create_app(sim: Simulator) -> web.Application:
     """A fresh aiohttp application serving ``sim`` (an application can only be run once).
 
-    Admin routes (JSON bodies, camelCase keys, times ISO 8601, all optional unless marked):
-
-    * ``POST /_sim/users`` ``{email, firstName, lastName, phoneNumber, publicData,
-      protectedData, privateData, metadata, at}`` → 201 ``{data: user}``
-    * ``POST /_sim/listings`` ``{authorId*, processName, title, price: {amount, currency},
-      publicData, at}`` → 201 ``{data: listing}``
-    * ``POST /_sim/transactions`` ``{listingId*, customerId*, transition (default
-      request-payment), at, bookingStart, bookingEnd, quantity, protectedData}`` → 201
-      ``{data: transaction, meta: {sequenceId}}``
-    * ``POST /_sim/transactions/{id}/transitions`` ``{transition*, at, by}`` →
-      ``{data: transaction, meta: {sequenceId}}``
-    * ``POST /_sim/transactions/{id}/messages`` ``{content, senderId, at}`` → 201 ``{data: message}``
-    * ``GET /_sim/transitions[?transactionId=]`` → ``{data: [{transactionId, transition, createdAt, by}]}``
-      — every transition ever applied, in order (ground truth)
-    * ``GET /_sim/stats``, ``POST /_sim/stats/reset`` — answers by status, faults, 429s, grants
-    * ``GET|POST /_sim/faults`` ``{faults: {<FaultConfig field>: value}, rateLimit:
-      dev|prod|off, rateLimitScale}``
-    * ``POST /_sim/tokens/expire`` → ``{expired: n}``
-    * ``POST /_sim/traffic/step`` ``{n}`` → ``{data: [transitions applied]}``
-
-    Refusals use the error envelope: 400 bad input, 404 unknown ids, 409 illegal transitions.
+    The ``/_sim/`` routes are listed in :mod:`worker.sim.admin`. Every answer's ``Date``
+    header comes from the simulator's clock, not the host's.
     """
     app = web.Application(
         middlewares=[
@@ -634,6 +376,7 @@ def create_app(sim: Simulator) -> web.Application:
         ]
     )
     app[SIM_KEY] = sim
+    app.on_response_prepare.append(_date_stamper(sim.config.clock))
     app.router.add_post("/v1/auth/token", auth_token)
     app.router.add_post("/v1/auth/revoke", auth_revoke)
     app.router.add_get(f"{API}/marketplace/show", marketplace_show)
@@ -644,16 +387,5 @@ def create_app(sim: Simulator) -> web.Application:
     app.router.add_get(f"{API}/events/query", events_query)
     app.router.add_post(f"{API}/transactions/transition", transactions_transition)
     app.router.add_post(f"{API}/transactions/update_metadata", transactions_update_metadata)
-    app.router.add_post("/_sim/users", admin_create_user)
-    app.router.add_post("/_sim/listings", admin_create_listing)
-    app.router.add_post("/_sim/transactions", admin_create_transaction)
-    app.router.add_post("/_sim/transactions/{id}/transitions", admin_transition)
-    app.router.add_post("/_sim/transactions/{id}/messages", admin_message)
-    app.router.add_get("/_sim/transitions", admin_transitions)
-    app.router.add_get("/_sim/stats", admin_stats)
-    app.router.add_post("/_sim/stats/reset", admin_stats_reset)
-    app.router.add_get("/_sim/faults", admin_get_faults)
-    app.router.add_post("/_sim/faults", admin_set_faults)
-    app.router.add_post("/_sim/tokens/expire", admin_expire_tokens)
-    app.router.add_post("/_sim/traffic/step", admin_traffic_step)
+    add_admin_routes(app)
     return app

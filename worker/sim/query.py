@@ -21,6 +21,9 @@ Choices where Sharetribe documents nothing (all deliberate, all tested):
 * An empty ``include=`` includes nothing; an empty filter list (``states=``) is a 400.
 * Parameters an endpoint does not know answer 400 ``validation-disallowed-key``
   when strict checking is on (the default), to catch client typos early.
+* ``events/query`` answers ``meta: {perPage}`` and nothing else (Sharetribe's own
+  examples read ``meta.perPage`` to tell a full page; sequence ids, not page
+  numbers, move its cursor, so a page number or a total would mean nothing).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "TransactionQuery",
     "View",
     "check_allowed",
+    "events_meta",
     "parse_bool",
     "parse_events_query",
     "parse_transaction_query",
@@ -73,11 +77,19 @@ INCLUDES: Mapping[str, frozenset[str]] = {
             "booking",
             "messages",
             "listing.author",
+            "provider.profileImage",
+            "customer.profileImage",
             "messages.sender",
+            "messages.sender.profileImage",
+            "reviews",
+            "reviews.author",
+            "reviews.author.profileImage",
+            "reviews.subject",
+            "reviews.subject.profileImage",
         }
     ),
-    "user": frozenset({"marketplace"}),
-    "listing": frozenset({"author", "marketplace"}),
+    "user": frozenset({"marketplace", "profileImage"}),
+    "listing": frozenset({"author", "marketplace", "author.profileImage"}),
     "marketplace": frozenset(),
     "event": frozenset(),
 }
@@ -497,6 +509,15 @@ def parse_events_query(params: Mapping[str, str]) -> EventQuery:
         related_resource_id=_opt_uuid(params, "relatedResourceId"),
         per_page=_opt_int(params, "perPage", MAX_PER_PAGE, 1, MAX_PER_PAGE),
     )
+
+
+def events_meta(q: EventQuery) -> dict[str, int]:
+    """The ``meta`` of an ``events/query`` answer: only the page size.
+
+    Events page by ``startAfterSequenceId``, not by page number, so there is no
+    page or total to report; a page as long as ``perPage`` means "ask again".
+    """
+    return {"perPage": q.per_page}
 
 
 def query_events(store: Store, q: EventQuery) -> list[Event]:

@@ -22,15 +22,18 @@ __all__ = [
     "Booking",
     "Entity",
     "Event",
+    "Image",
     "JsonObject",
     "Listing",
     "LoggedTransition",
     "Marketplace",
     "Message",
     "Ref",
+    "Review",
     "Transaction",
     "TransitionEntry",
     "User",
+    "at_defaults",
     "copy_tree",
     "ref_tree",
 ]
@@ -47,6 +50,17 @@ def copy_tree(value: Any) -> Any:
     if isinstance(value, list):
         return [copy_tree(v) for v in value]
     return value
+
+
+def at_defaults(attributes: JsonObject, **flags: bool) -> JsonObject:
+    """Every attribute at its default (false for booleans, null for all else), then ``flags`` set.
+
+    How the API shows a deleted listing and a deleted or banned user: the keys stay,
+    the data goes.
+    """
+    out: JsonObject = {name: False if isinstance(value, bool) else None for name, value in attributes.items()}
+    out.update(flags)
+    return out
 
 
 class Entity:
@@ -99,6 +113,25 @@ class Marketplace(Entity):
 
 
 @dataclass
+class Image(Entity):
+    """An uploaded image; only its ``default`` variant is rendered, as the API does by default."""
+
+    TYPE: ClassVar[str] = "image"
+    id: uuid.UUID
+    width_px: int = 720
+    height_px: int = 720
+
+    def attributes(self) -> JsonObject:
+        # A domain reserved for examples: nothing fetches these, but clients may keep the URL.
+        url = f"https://example.com/sim/images/{self.id}/default"
+        return {
+            "variants": {
+                "default": {"name": "default", "width": self.width_px, "height": self.height_px, "url": url}
+            }
+        }
+
+
+@dataclass
 class User(Entity):
     TYPE: ClassVar[str] = "user"
     id: uuid.UUID
@@ -113,6 +146,22 @@ class User(Entity):
     protected_data: JsonObject = field(default_factory=dict)
     private_data: JsonObject = field(default_factory=dict)
     metadata: JsonObject = field(default_factory=dict)
+    profile_image_id: uuid.UUID | None = None
+    deleted_at: datetime | None = None
+    banned_at: datetime | None = None
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
+
+    @property
+    def banned(self) -> bool:
+        return self.banned_at is not None
+
+    @property
+    def gone(self) -> bool:
+        """Deleted or banned: shown without data, unable to sign up for anything new."""
+        return self.deleted or self.banned
 
     @property
     def display_name(self) -> str:
@@ -123,6 +172,14 @@ class User(Entity):
         return f"{self.first_name[:1]}{self.last_name[:1]}"
 
     def attributes(self) -> JsonObject:
+        full = self._full_attributes()
+        if self.deleted:
+            return at_defaults(full, deleted=True)
+        if self.banned:
+            return at_defaults(full, banned=True)
+        return full
+
+    def _full_attributes(self) -> JsonObject:
         protected = copy_tree(self.protected_data)
         if self.phone_number is not None:
             # The web template keeps the phone number in protected data; so do we.
@@ -147,7 +204,8 @@ class User(Entity):
         }
 
     def relationships(self) -> dict[str, Ref | list[Ref] | None]:
-        return {"marketplace": ("marketplace", self.marketplace_id)}
+        image = None if self.profile_image_id is None or self.gone else ("image", self.profile_image_id)
+        return {"marketplace": ("marketplace", self.marketplace_id), "profileImage": image}
 
 
 @dataclass
@@ -165,8 +223,17 @@ class Listing(Entity):
     public_data: JsonObject = field(default_factory=dict)
     private_data: JsonObject = field(default_factory=dict)
     metadata: JsonObject = field(default_factory=dict)
+    deleted_at: datetime | None = None
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
 
     def attributes(self) -> JsonObject:
+        full = self._full_attributes()
+        return at_defaults(full, deleted=True) if self.deleted else full
+
+    def _full_attributes(self) -> JsonObject:
         return {
             "title": self.title,
             "description": self.description,
@@ -220,6 +287,46 @@ class Message(Entity):
 
     def relationships(self) -> dict[str, Ref | list[Ref] | None]:
         return {"sender": ("user", self.sender_id), "transaction": ("transaction", self.transaction_id)}
+
+
+@dataclass
+class Review(Entity):
+    """A review one party wrote about the other during a transaction.
+
+    ``ofProvider`` reviews are written by the customer and are about the provider and
+    the listing; ``ofCustomer`` ones by the provider about the customer. A pending
+    review hides its rating and content (null) until the process publishes it.
+    """
+
+    TYPE: ClassVar[str] = "review"
+    id: uuid.UUID
+    transaction_id: uuid.UUID
+    listing_id: uuid.UUID
+    author_id: uuid.UUID
+    subject_id: uuid.UUID
+    review_type: str
+    rating: int
+    content: str
+    created_at: datetime
+    state: str = "pending"
+
+    def attributes(self) -> JsonObject:
+        public = self.state == "public"
+        return {
+            "type": self.review_type,
+            "state": self.state,
+            "rating": self.rating if public else None,
+            "content": self.content if public else None,
+            "createdAt": self.created_at,
+        }
+
+    def relationships(self) -> dict[str, Ref | list[Ref] | None]:
+        return {
+            "author": ("user", self.author_id),
+            "subject": ("user", self.subject_id),
+            # Only reviews of the provider are about the listing too.
+            "listing": ("listing", self.listing_id) if self.review_type == "ofProvider" else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -283,6 +390,7 @@ class Transaction(Entity):
     metadata: JsonObject = field(default_factory=dict)
     booking: Booking | None = None
     messages: list[Message] = field(default_factory=list)
+    reviews: list[Review] = field(default_factory=list)
     #: The PaymentIntent id ever requested, kept even after the API stops showing it.
     payment_intent_id: str | None = None
 
@@ -323,6 +431,7 @@ class Transaction(Entity):
             "provider": ("user", self.provider_id),
             "customer": ("user", self.customer_id),
             "booking": self.booking.ref() if self.booking else None,
+            "reviews": [r.ref() for r in self.reviews],
             "messages": [m.ref() for m in self.messages],
         }
 
@@ -332,6 +441,7 @@ class Event(Entity):
     TYPE: ClassVar[str] = "event"
     id: uuid.UUID
     sequence_id: int
+    marketplace_id: uuid.UUID
     created_at: datetime
     event_type: str
     source: str
@@ -347,6 +457,7 @@ class Event(Entity):
         # Copies: the caller may trim the tree for sparse fields.
         return {
             "sequenceId": self.sequence_id,
+            "marketplaceId": self.marketplace_id,
             "createdAt": self.created_at,
             "eventType": self.event_type,
             "source": self.source,

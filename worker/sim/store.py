@@ -1,8 +1,11 @@
 """In-memory marketplace state for the Integration API simulator.
 
 The :class:`Store` holds one marketplace with its users, listings, transactions,
-bookings and messages, the event log the API's ``events/query`` serves, and the
-ground-truth log of every transition ever applied (in apply order). Nothing here
+bookings, messages, reviews and profile images, the event log the API's
+``events/query`` serves, and the ground-truth log of every transition ever applied
+(in apply order, kept when a transaction is deleted). Deleting and banning live in
+:mod:`worker.sim.removals`, reviews in :mod:`worker.sim.reviews`, ``previousValues``
+in :mod:`worker.sim.changes`. Nothing here
 speaks HTTP: the aiohttp layer and the traffic generator both drive the store
 through its methods, and tests may do the same directly.
 
@@ -15,33 +18,40 @@ them. The resources themselves (and their JSON:API rendering) live in
 
 from __future__ import annotations
 
+import hashlib
 import random
 import string
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.api.wire import Money
-from worker.errors import FlexworkerError
 from worker.processes import IllegalTransitionError, Transition, get_process
+from worker.sim import removals
+from worker.sim.changes import extended_data_changes, previous_values
+from worker.sim.clock import Clock, utc_now
+from worker.sim.errors import InvalidArgumentError, MissingResourceError, SimStoreError
 from worker.sim.resources import (
     BOOKING_STATE,
     Booking,
     Entity,
     Event,
+    Image,
     JsonObject,
     Listing,
     LoggedTransition,
     Marketplace,
     Message,
     Ref,
+    Review,
     Transaction,
     TransitionEntry,
     User,
     copy_tree,
     ref_tree,
 )
+from worker.sim.reviews import review_on_transition
 
 __all__ = [
     "COMMISSION_PERCENT",
@@ -49,6 +59,7 @@ __all__ = [
     "Clock",
     "Entity",
     "Event",
+    "Image",
     "InvalidArgumentError",
     "Listing",
     "LoggedTransition",
@@ -56,6 +67,7 @@ __all__ = [
     "Message",
     "MissingResourceError",
     "Ref",
+    "Review",
     "SimStoreError",
     "Store",
     "Transaction",
@@ -66,8 +78,6 @@ __all__ = [
     "utc_now",
 ]
 
-Clock = Callable[[], datetime]
-
 #: The provider's commission on every priced transaction.
 COMMISSION_PERCENT = 10
 
@@ -77,29 +87,12 @@ _BOOKING_TITLES = ("Sauna by the lake", "City bike", "Kayak for two", "Studio lo
 _PURCHASE_TITLES = ("Vintage lamp", "Road bike frame", "Wool blanket", "Record player", "Oak stool")
 
 
-def utc_now() -> datetime:
-    """The default clock: the wall clock in UTC."""
-    return datetime.now(UTC)
-
-
 def truncate_ms(at: datetime) -> datetime:
     """``at`` in UTC, cut to whole milliseconds (the API's precision)."""
     if at.tzinfo is None:
         raise InvalidArgumentError("naive datetime: the simulator only deals in aware UTC instants")
     at = at.astimezone(UTC)
     return at.replace(microsecond=at.microsecond // 1000 * 1000)
-
-
-class SimStoreError(FlexworkerError):
-    """Base of the store's refusals."""
-
-
-class MissingResourceError(SimStoreError, LookupError):
-    """No resource of that type has that id."""
-
-
-class InvalidArgumentError(SimStoreError, ValueError):
-    """An argument makes no sense (a time before the last transition, a stranger as sender, ...)."""
 
 
 _DEFAULT_SOURCE = {
@@ -113,8 +106,17 @@ _DEFAULT_SOURCE = {
 class Store:
     """The simulated marketplace. Single-threaded: call it from one event loop."""
 
-    def __init__(self, *, seed: int | str = 0, clock: Clock = utc_now, marketplace_name: str = "Sim Market"):
+    def __init__(
+        self,
+        *,
+        seed: int | str = 0,
+        clock: Clock = utc_now,
+        marketplace_name: str = "Sim Market",
+        reviews: bool = False,
+    ):
         self._rng = random.Random(f"store:{seed}")
+        #: Whether review transitions write review resources (see :mod:`worker.sim.reviews`).
+        self.writes_reviews = reviews
         self._clock = clock
         self.marketplace = Marketplace(self.new_id(), marketplace_name, "A simulated Sharetribe marketplace")
         self.users: dict[uuid.UUID, User] = {}
@@ -122,20 +124,41 @@ class Store:
         self.transactions: dict[uuid.UUID, Transaction] = {}
         self.bookings: dict[uuid.UUID, Booking] = {}
         self.messages: dict[uuid.UUID, Message] = {}
+        self.images: dict[uuid.UUID, Image] = {}
+        self.reviews: dict[uuid.UUID, Review] = {}
         #: Event ``k`` (0-based) has sequence id ``k + 1``.
         self.events: list[Event] = []
-        #: Every transition ever applied, in apply order.
+        #: Every transition ever applied, in apply order; deleting a transaction keeps its lines.
         self.transition_log: list[LoggedTransition] = []
+        #: When each deleted transaction was deleted (ground truth: the API has forgotten them).
+        self.deleted_transactions: dict[uuid.UUID, datetime] = {}
+        #: The deleted transactions themselves, as they were when deleted.
+        self.removed_transactions: dict[uuid.UUID, Transaction] = {}
+        #: How many deletions and bans happened: a cheap "did anything go?" for the traffic.
+        self.removals = 0
 
     # -- basics ---------------------------------------------------------------------
 
+    @property
+    def admin_id(self) -> uuid.UUID:
+        """The Console admin the simulator's operator actions are audited as."""
+        return _derived_id(b"console-admin", self.marketplace.id)
+
+    @property
+    def rng(self) -> random.Random:
+        """The store's seeded RNG, for the modules that make content on its behalf."""
+        return self._rng
+
     def new_id(self) -> uuid.UUID:
+        """The next id from the store's seeded RNG."""
         return uuid.UUID(int=self._rng.getrandbits(128), version=4)
 
     def now(self) -> datetime:
+        """The clock's time, cut to milliseconds."""
         return truncate_ms(self._clock())
 
-    def _time(self, at: datetime | None) -> datetime:
+    def at_or_now(self, at: datetime | None) -> datetime:
+        """``at`` cut to milliseconds, or now when it is ``None``."""
         return self.now() if at is None else truncate_ms(at)
 
     def get(self, type_: str, id_: uuid.UUID) -> Entity | None:
@@ -148,6 +171,8 @@ class Store:
             "transaction": self.transactions,
             "booking": self.bookings,
             "message": self.messages,
+            "image": self.images,
+            "review": self.reviews,
         }
         table = tables.get(type_)
         return None if table is None else table.get(id_)
@@ -178,7 +203,7 @@ class Store:
         """Events with a sequence id above ``sequence_id``, ascending."""
         return iter(self.events[max(0, sequence_id) :])
 
-    def _emit(
+    def emit(
         self,
         event_type: str,
         entity: Entity,
@@ -189,16 +214,26 @@ class Store:
         audit_data: JsonObject,
         related_ids: frozenset[uuid.UUID] = frozenset(),
         tree: JsonObject | None = None,
+        removed: bool = False,
     ) -> Event:
+        """Log an event about ``entity``; its resource is ``tree`` or the entity as it is now.
+
+        ``removed`` events (``*/deleted``) carry no resource at all.
+        """
+        if removed:
+            tree = None
+        elif tree is None:
+            tree = entity.resource(with_relationships=True)
         event = Event(
             id=self.new_id(),
             sequence_id=len(self.events) + 1,
+            marketplace_id=self.marketplace.id,
             created_at=at,
             event_type=event_type,
             source=source,
             resource_id=entity.id,
             resource_type=entity.TYPE,
-            resource_tree=tree if tree is not None else entity.resource(with_relationships=True),
+            resource_tree=tree,
             previous_values=previous_values,
             audit_data=audit_data,
             related_ids=related_ids,
@@ -206,11 +241,19 @@ class Store:
         self.events.append(event)
         return event
 
-    def _audit(self, user_id: uuid.UUID | None, source: str, client_id: str | None) -> JsonObject:
+    def audit(
+        self,
+        user_id: uuid.UUID | None,
+        source: str,
+        client_id: str | None,
+        *,
+        admin_id: uuid.UUID | None = None,
+    ) -> JsonObject:
+        """An event's ``auditData``: API calls get a request id, Console actions an admin."""
         api_call = source in ("source/marketplace-api", "source/integration-api")
         return {
             "userId": user_id,
-            "adminId": None,
+            "adminId": admin_id,
             "requestId": self.new_id() if api_call else None,
             "clientId": client_id,
         }
@@ -228,11 +271,13 @@ class Store:
         protected_data: Mapping[str, Any] | None = None,
         private_data: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        profile_image: bool | None = None,
         at: datetime | None = None,
     ) -> User:
         """Sign a user up; emits ``user/created``.
 
-        Name, e-mail and an E.164 phone number are made up unless given.
+        Name, e-mail and an E.164 phone number are made up unless given. Three users
+        in four have a profile image unless ``profile_image`` says otherwise.
         """
         first = first_name if first_name is not None else self._rng.choice(_FIRST_NAMES)
         last = last_name if last_name is not None else self._rng.choice(_LAST_NAMES)
@@ -241,7 +286,7 @@ class Store:
         user = User(
             id=self.new_id(),
             marketplace_id=self.marketplace.id,
-            created_at=self._time(at),
+            created_at=self.at_or_now(at),
             email=email or f"{first}.{last}.{len(self.users) + 1}@example.com".lower(),
             first_name=first,
             last_name=last,
@@ -251,14 +296,21 @@ class Store:
             private_data=copy_tree(dict(private_data or {})),
             metadata=copy_tree(dict(metadata or {})),
         )
+        if profile_image is None:
+            # Decided by the id, not the RNG, so the ids of a seed stay what they were.
+            profile_image = user.id.int % 4 != 0
+        if profile_image:
+            image = Image(_derived_id(b"profile-image", user.id))
+            self.images[image.id] = image
+            user.profile_image_id = image.id
         self.users[user.id] = user
-        self._emit(
+        self.emit(
             "user/created",
             user,
             user.created_at,
             source="source/marketplace-api",
             previous_values={},
-            audit_data=self._audit(user.id, "source/marketplace-api", None),
+            audit_data=self.audit(user.id, "source/marketplace-api", None),
         )
         return user
 
@@ -277,6 +329,8 @@ class Store:
         Emits ``listing/created``.
         """
         author = self.user(author_id)
+        if author.gone:
+            raise InvalidArgumentError(f"user {author.id} is deleted or banned and cannot list")
         process = get_process(process_name or self._rng.choice(("default-booking", "default-purchase")))
         titles = _BOOKING_TITLES if process.has_booking else _PURCHASE_TITLES
         data: JsonObject = {
@@ -288,20 +342,20 @@ class Store:
             id=self.new_id(),
             marketplace_id=self.marketplace.id,
             author_id=author.id,
-            created_at=self._time(at),
+            created_at=self.at_or_now(at),
             title=title or self._rng.choice(titles),
             price=price or Money(self._rng.randrange(10, 500) * 100, "USD"),
             process_name=process.name,
             public_data=data,
         )
         self.listings[listing.id] = listing
-        self._emit(
+        self.emit(
             "listing/created",
             listing,
             listing.created_at,
             source="source/marketplace-api",
             previous_values={},
-            audit_data=self._audit(author.id, "source/marketplace-api", None),
+            audit_data=self.audit(author.id, "source/marketplace-api", None),
             related_ids=frozenset({author.id}),
         )
         return listing
@@ -336,7 +390,14 @@ class Store:
             raise IllegalTransitionError(f"{transition} cannot start a {process.name} transaction")
         if customer.id == listing.author_id:
             raise InvalidArgumentError("a provider cannot buy from their own listing")
-        created_at = self._time(at)
+        if listing.deleted or listing.state != "published":
+            raise InvalidArgumentError(
+                f"listing {listing.id} is {'deleted' if listing.deleted else listing.state}"
+            )
+        for party in (customer, self.user(listing.author_id)):
+            if party.gone:
+                raise InvalidArgumentError(f"user {party.id} is deleted or banned")
+        created_at = self.at_or_now(at)
         if process.has_booking:
             if booking_start is None:
                 day = created_at.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -392,7 +453,10 @@ class Store:
         tx.process.target(tx.state, transition)
         if by is not None and by != tr.actor:
             raise IllegalTransitionError(f"{transition} is performed by {tr.actor}, not {by}")
-        when = self._time(at)
+        deleted = self.deleted_party(tx)
+        if deleted is not None:
+            raise IllegalTransitionError(f"transaction {tx.id} cannot move on: its {deleted} was deleted")
+        when = self.at_or_now(at)
         if when < tx.last_transitioned_at:
             raise InvalidArgumentError(
                 f"{when.isoformat()} is before the transaction's last transition at "
@@ -415,16 +479,18 @@ class Store:
             _refund(tx)
         if tx.booking is not None:
             tx.booking.state = BOOKING_STATE.get(tx.state, "accepted")
+        if self.writes_reviews:
+            review_on_transition(self, tx, tr, at)
         source = source or _DEFAULT_SOURCE[tr.actor]
         user_id = {"customer": tx.customer_id, "provider": tx.provider_id}.get(tr.actor)
         after = tx.resource(with_relationships=True)
-        event = self._emit(
+        event = self.emit(
             "transaction/initiated" if first else "transaction/transitioned",
             tx,
             at,
             source=source,
-            previous_values={} if before is None else _diff(before, after),
-            audit_data=self._audit(user_id, source, client_id),
+            previous_values={} if before is None else previous_values(before, after),
+            audit_data=self.audit(user_id, source, client_id),
             related_ids=frozenset({tx.customer_id, tx.provider_id, tx.listing_id}),
             tree=after,
         )
@@ -486,13 +552,13 @@ class Store:
                 tx.metadata[key] = copy_tree(value)
         if tx.metadata == old:
             return None
-        return self._emit(
+        return self.emit(
             "transaction/updated",
             tx,
-            self._time(at),
+            self.at_or_now(at),
             source=source,
-            previous_values={"attributes": {"metadata": old}},
-            audit_data=self._audit(None, source, client_id),
+            previous_values={"attributes": {"metadata": extended_data_changes(old, tx.metadata)}},
+            audit_data=self.audit(None, source, client_id),
             related_ids=frozenset({tx.customer_id, tx.provider_id, tx.listing_id}),
         )
 
@@ -509,33 +575,54 @@ class Store:
         sender = sender_id or tx.customer_id
         if sender not in (tx.customer_id, tx.provider_id):
             raise InvalidArgumentError("only the customer or the provider can message in a transaction")
-        when = self._time(at)
+        if self.user(sender).gone:
+            raise InvalidArgumentError(f"user {sender} is deleted or banned and cannot message")
+        when = self.at_or_now(at)
         if tx.messages and when < tx.messages[-1].created_at:
             raise InvalidArgumentError("messages must be added in chronological order")
         message = Message(self.new_id(), tx.id, sender, content, when)
         tx.messages.append(message)
         self.messages[message.id] = message
-        self._emit(
+        self.emit(
             "message/created",
             message,
             when,
             source="source/marketplace-api",
             previous_values={},
-            audit_data=self._audit(sender, "source/marketplace-api", None),
+            audit_data=self.audit(sender, "source/marketplace-api", None),
             related_ids=frozenset({tx.id, sender}),
         )
         return message
 
+    # -- deleting and banning (see worker.sim.removals) -------------------------------
 
-def _diff(before: JsonObject, after: JsonObject) -> JsonObject:
-    """Top-level attributes and relationships that changed, with their old values."""
-    out: JsonObject = {}
-    for part in ("attributes", "relationships"):
-        old, new = before.get(part, {}), after.get(part, {})
-        changed = {k: old.get(k) for k in new.keys() | old.keys() if old.get(k) != new.get(k)}
-        if changed:
-            out[part] = changed
-    return out
+    def deleted_party(self, tx: Transaction) -> str | None:
+        """``"customer"`` or ``"provider"`` when that party of ``tx`` was deleted, else ``None``."""
+        for role, user_id in (("customer", tx.customer_id), ("provider", tx.provider_id)):
+            if self.user(user_id).deleted:
+                return role
+        return None
+
+    def delete_user(self, user_id: uuid.UUID, *, at: datetime | None = None) -> Event:
+        """Delete a user and their listings; emits ``listing/deleted`` for each, then ``user/deleted``."""
+        return removals.delete_user(self, self.user(user_id), self.at_or_now(at))
+
+    def ban_user(self, user_id: uuid.UUID, *, at: datetime | None = None) -> Event:
+        """Ban a user and close their listings; emits ``user/updated``, then ``listing/updated`` for each."""
+        return removals.ban_user(self, self.user(user_id), self.at_or_now(at))
+
+    def delete_listing(self, listing_id: uuid.UUID, *, at: datetime | None = None) -> Event:
+        """Delete a listing; emits ``listing/deleted``."""
+        return removals.delete_listing(self, self.listing(listing_id), self.at_or_now(at))
+
+    def delete_transaction(self, transaction_id: uuid.UUID, *, at: datetime | None = None) -> Event:
+        """Delete a transaction (its transitions stay in the ground truth); emits ``transaction/deleted``."""
+        return removals.delete_transaction(self, self.transaction(transaction_id), self.at_or_now(at))
+
+
+def _derived_id(kind: bytes, of: uuid.UUID) -> uuid.UUID:
+    """A stable id for something that belongs to ``of`` (drawn from no RNG)."""
+    return uuid.UUID(bytes=hashlib.sha256(kind + of.bytes).digest()[:16], version=4)
 
 
 def _drop_payment_intent_id(protected: JsonObject) -> None:

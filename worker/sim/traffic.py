@@ -9,6 +9,16 @@ step was at most ``tie_window`` ago), so several transitions land in the same
 millisecond (``createdAt`` is not a cursor: clients must cope); a share of
 transactions take a second step right away, in the same millisecond.
 
+Besides transitions, an :class:`Activity` makes traffic post messages, delete and
+ban users, delete listings and delete finished transactions, each with its own odds
+per step (all 0 by default; :data:`LIVELY` is what ``flexworker sim`` and the demo
+use). Users are only deleted when they are in no open transaction (the Marketplace
+API refuses to delete such an account); gone users and unusable listings are
+replaced in the pool before the next transaction starts, so the marketplace keeps
+its size. Extras happen only in :meth:`Traffic.step` and live traffic, not in
+:meth:`Traffic.build_history`; with every share at 0 they draw nothing from the RNG,
+so a seed's transitions stay what they were.
+
 Three ways to use it:
 
 * :meth:`Traffic.step` applies ``n`` transitions right now (tests).
@@ -30,13 +40,14 @@ import logging
 import random
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
+from worker.errors import ConfigError
 from worker.processes import INITIAL_STATE, PROCESSES, Process, Transition
 from worker.sim.store import Listing, LoggedTransition, Store, Transaction, User, truncate_ms
 
-__all__ = ["DEFAULT_WEIGHTS", "Traffic"]
+__all__ = ["DEFAULT_WEIGHTS", "LIVELY", "MESSAGE_TEXTS", "Activity", "Traffic"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +77,49 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
 }
 
 
+#: What the generated messages say.
+MESSAGE_TEXTS = (
+    "Hi! Is this still available?",
+    "Can we move the start by a day?",
+    "Thanks, see you then.",
+    "Running ten minutes late, sorry.",
+    "All good on my side.",
+)
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What traffic does besides transitions: the odds of each per step, in [0, 1] (0 = never)."""
+
+    #: A message in an open transaction, from the customer or the provider.
+    message_share: float = 0.0
+    #: A user in no open transaction deletes their account (and so their listings).
+    user_deletion_share: float = 0.0
+    #: An operator bans a user (their listings close; their transactions go on).
+    user_ban_share: float = 0.0
+    #: An operator deletes a listing (its transactions go on).
+    listing_deletion_share: float = 0.0
+    #: A finished transaction is deleted.
+    transaction_deletion_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"traffic {f.name} must be between 0 and 1, got {value}")
+
+
+#: Low enough that nearly every transaction runs its course, high enough that a
+#: minute of demo traffic meets every kind of removal: ``flexworker sim`` and the demo.
+LIVELY = Activity(
+    message_share=0.05,
+    user_deletion_share=0.002,
+    user_ban_share=0.001,
+    listing_deletion_share=0.002,
+    transaction_deletion_share=0.002,
+)
+
+
 @dataclass(frozen=True)
 class _Planned:
     """One transition of :meth:`Traffic.build_history`'s plan."""
@@ -92,6 +146,7 @@ class Traffic:
         follow_share: float = 0.15,
         tie_window: timedelta = timedelta(milliseconds=50),
         weights: Mapping[str, float] | None = None,
+        activity: Activity | None = None,
     ) -> None:
         if users < 2 or listings < 1:
             raise ValueError("traffic needs at least two users and one listing")
@@ -100,6 +155,7 @@ class Traffic:
         self.new_share = new_share
         self.tie_share = tie_share
         self.weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+        self.activity = activity or Activity()
         self._rng = random.Random(f"traffic:{seed}")
         self._pool_size = (users, listings)
         self.users: list[User] = []
@@ -109,6 +165,9 @@ class Traffic:
         #: Open transactions: a list for random picks plus each one's index.
         self._open: list[uuid.UUID] = []
         self._open_at: dict[uuid.UUID, int] = {}
+        #: Transactions traffic saw finish: the ones it may delete.
+        self._finished: list[uuid.UUID] = []
+        self._removals_seen = 0
         self._follow: uuid.UUID | None = None
         self._last_at: datetime | None = None
         self._task: asyncio.Task[None] | None = None
@@ -133,6 +192,22 @@ class Traffic:
     def _customer_for(self, listing: Listing) -> User:
         others = [u for u in self.users if u.id != listing.author_id]
         return self._rng.choice(others)
+
+    def _heal_pool(self) -> None:
+        # Someone (traffic itself or a test through /_sim/) may have deleted or banned
+        # pool members: newcomers take their places, so choices stay among usable ones.
+        if self.store.removals == self._removals_seen:
+            return
+        self._removals_seen = self.store.removals
+        for index, user in enumerate(self.users):
+            if user.gone:
+                self.users[index] = self.store.create_user()
+        for index, listing in enumerate(self.listings):
+            author = self.store.user(listing.author_id)
+            if listing.deleted or listing.state != "published" or author.gone:
+                if author.gone:
+                    author = self.users[index % len(self.users)]
+                self.listings[index] = self.store.create_listing(author.id, process_name=listing.process_name)
 
     def _next_time(self, not_before: datetime | None, *, tie: bool = False) -> datetime:
         # Draw first so the RNG sequence never depends on the clock.
@@ -159,6 +234,7 @@ class Traffic:
         for _ in range(n):
             self._step_once()
             done.append(self.store.transition_log[-1])
+            self._side_activity()
         return done
 
     def _add_open(self, tx_id: uuid.UUID) -> None:
@@ -175,16 +251,29 @@ class Traffic:
             self._open[index] = last
             self._open_at[last] = index
 
+    def _finish(self, tx_id: uuid.UUID) -> None:
+        self._discard_open(tx_id)
+        self._finished.append(tx_id)
+
+    def _open_transaction(self, tx_id: uuid.UUID) -> Transaction | None:
+        """The open transaction ``tx_id``, or ``None`` (forgotten) when it can no longer move."""
+        tx = self.store.transactions.get(tx_id)
+        if tx is None or self.store.deleted_party(tx) is not None:
+            # Deleted, or frozen by a deleted party: it will never move again.
+            self._discard_open(tx_id)
+            return None
+        return tx
+
     def _advance(self, tx: Transaction, *, tie: bool = False) -> bool:
         options = tx.process.next_transitions(tx.state)
         if not options:
             # Someone else (an API command) finished it: forget it.
-            self._discard_open(tx.id)
+            self._finish(tx.id)
             return False
         tr = self._pick(options)
         self.store.apply_transition(tx.id, tr.name, at=self._next_time(tx.last_transitioned_at, tie=tie))
         if tx.process.is_final(tx.state):
-            self._discard_open(tx.id)
+            self._finish(tx.id)
         return True
 
     def _maybe_follow(self, tx: Transaction) -> None:
@@ -195,15 +284,16 @@ class Traffic:
     def _step_once(self) -> None:
         follow, self._follow = self._follow, None
         if follow is not None:
-            tx = self.store.transaction(follow)
-            if self._advance(tx, tie=True):
+            tx = self._open_transaction(follow)
+            if tx is not None and self._advance(tx, tie=True):
                 self._maybe_follow(tx)
                 return
         while self._open and self._rng.random() >= self.new_share:
-            tx = self.store.transaction(self._open[self._rng.randrange(len(self._open))])
-            if self._advance(tx):
+            tx = self._open_transaction(self._open[self._rng.randrange(len(self._open))])
+            if tx is not None and self._advance(tx):
                 self._maybe_follow(tx)
                 return
+        self._heal_pool()
         listing = self._rng.choice(self.listings)
         customer = self._customer_for(listing)
         process = PROCESSES[listing.process_name]
@@ -212,6 +302,65 @@ class Traffic:
         if not process.is_final(tx.state):
             self._add_open(tx.id)
             self._maybe_follow(tx)
+        else:
+            self._finished.append(tx.id)
+
+    # -- side activity ----------------------------------------------------------------
+
+    def _side_activity(self) -> None:
+        # One draw per kind that is switched on, in a fixed order; none when it is off.
+        activity = self.activity
+        for share, act in (
+            (activity.message_share, self._post_message),
+            (activity.user_deletion_share, self._delete_user),
+            (activity.user_ban_share, self._ban_user),
+            (activity.listing_deletion_share, self._delete_listing),
+            (activity.transaction_deletion_share, self._delete_transaction),
+        ):
+            if share > 0 and self._rng.random() < share:
+                act()
+
+    def _post_message(self) -> None:
+        if not self._open:
+            return
+        tx = self._open_transaction(self._open[self._rng.randrange(len(self._open))])
+        if tx is None:
+            return
+        sender = self._rng.choice((tx.customer_id, tx.provider_id))
+        text = self._rng.choice(MESSAGE_TEXTS)
+        if self.store.user(sender).gone:
+            return
+        self.store.add_message(tx.id, text, sender_id=sender, at=self._next_time(tx.last_message_at))
+
+    def _delete_user(self) -> None:
+        busy: set[uuid.UUID] = set()
+        for tx_id in self._open:
+            tx = self.store.transactions.get(tx_id)
+            if tx is not None:
+                busy.update((tx.customer_id, tx.provider_id))
+        candidates = [u for u in self.users if not u.gone and u.id not in busy]
+        if candidates:
+            self.store.delete_user(self._rng.choice(candidates).id, at=self._next_time(None))
+
+    def _ban_user(self) -> None:
+        candidates = [u for u in self.users if not u.gone]
+        if candidates:
+            self.store.ban_user(self._rng.choice(candidates).id, at=self._next_time(None))
+
+    def _delete_listing(self) -> None:
+        candidates = [listing for listing in self.listings if not listing.deleted]
+        if candidates:
+            self.store.delete_listing(self._rng.choice(candidates).id, at=self._next_time(None))
+
+    def _delete_transaction(self) -> None:
+        while self._finished:
+            index = self._rng.randrange(len(self._finished))
+            # Swap-remove: order does not matter, picks are by index.
+            self._finished[index], self._finished[-1] = self._finished[-1], self._finished[index]
+            tx_id = self._finished.pop()
+            if tx_id in self.store.transactions:
+                self.store.delete_transaction(tx_id, at=self._next_time(None))
+                return
 
     def start(self) -> None:
         """Run live in the current event loop (no-op if already running)."""
@@ -271,6 +420,7 @@ class Traffic:
         creation order.
         """
         self.setup()
+        self._heal_pool()
         end = truncate_ms(end) if end is not None else self.store.now()
         start = truncate_ms(start)
         if end < start:
@@ -298,11 +448,13 @@ class Traffic:
                 ids[item.tx_index] = tx.id
                 if not tx.process.is_final(tx.state):
                     self._add_open(tx.id)
+                else:
+                    self._finished.append(tx.id)
             else:
                 tx = self.store.transaction(tx_id)
                 self.store.apply_transition(tx_id, item.transition, at=item.at)
                 if tx.process.is_final(tx.state):
-                    self._discard_open(tx_id)
+                    self._finish(tx_id)
         self._last_at = max(self._last_at or end, end)
         return [i for i in ids if i is not None]
 
