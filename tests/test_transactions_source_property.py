@@ -13,9 +13,11 @@ pages and a small page cap make moves and ``createdAt`` windows common.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Unpack
+from uuid import UUID
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -46,14 +48,28 @@ class ManualClock:
         self.now += timedelta(milliseconds=ms)
 
 
-class InterleavingApi:
-    """``transactions_query`` on the simulator, applying scheduled transitions before each read."""
+#: One step before a page read: milliseconds to move the clock, transitions to make, transactions to delete.
+Step = tuple[int, int, int]
 
-    def __init__(self, sim: Simulator, clock: ManualClock, schedule: list[tuple[int, int]]) -> None:
+
+class InterleavingApi:
+    """``transactions_query`` on the simulator, applying a scheduled step before each read."""
+
+    def __init__(self, sim: Simulator, clock: ManualClock, schedule: list[Step]) -> None:
         self.sim = sim
         self.clock = clock
         self.schedule = schedule
         self.reads = 0
+        self.deleted: set[UUID] = set()
+
+    def delete_some(self, count: int) -> None:
+        """Delete ``count`` transactions, spread over the order the source pages in."""
+        ids = sorted(self.sim.store.transactions)
+        for k in range(min(count, len(ids))):
+            victim = ids[(self.reads * 7 + k * 13) % len(ids)]
+            if victim not in self.deleted:
+                self.sim.store.delete_transaction(victim)
+                self.deleted.add(victim)
 
     async def transactions_query(
         self,
@@ -63,9 +79,10 @@ class InterleavingApi:
         **filters: Unpack[TransactionFilters],
     ) -> Page[Transaction]:
         if self.schedule:
-            advance_ms, transitions = self.schedule.pop(0)
+            advance_ms, transitions, deletions = self.schedule.pop(0)
             self.clock.advance(advance_ms)
             self.sim.traffic.step(transitions)
+            self.delete_some(deletions)
         self.reads += 1
         params = encode_params({**transaction_query_params(filters), "page": page, "perPage": per_page})
         q = simquery.parse_transaction_query(params)
@@ -77,12 +94,12 @@ class InterleavingApi:
 async def deliver_all(
     sim: Simulator,
     clock: ManualClock,
-    schedule: list[tuple[int, int]],
+    schedule: list[Step],
     since: datetime,
     *,
     cuts: Sequence[int] = (),
     downtimes: Sequence[Sequence[tuple[int, int]]] = (),
-) -> tuple[list[str], int]:
+) -> tuple[list[str], InterleavingApi]:
     """Cycle until quiet, each cycle with a fresh source (a new process, as for a CronJob).
 
     ``cuts``: per cycle, the save after which it dies (odd) or stops at its deadline
@@ -116,10 +133,14 @@ async def deliver_all(
             continue
         sink.crash_at_save = sink.stop_at_save = None
         quiet_cycles = 0 if busy or down_plan else quiet_cycles + 1
-    return sink.delivered, api.reads
+    return sink.delivered, api
 
 
-STEPS = st.tuples(st.sampled_from([1, 1, 5, 200, 700, 3000]), st.integers(min_value=0, max_value=12))
+STEPS = st.tuples(
+    st.sampled_from([1, 1, 5, 200, 700, 3000]),
+    st.integers(min_value=0, max_value=12),
+    st.sampled_from([0, 0, 0, 0, 1, 2]),
+)
 #: Traffic while no poller runs: minutes to hours in steps, so a catch-up moves the watermark far.
 DOWNTIME = st.lists(
     st.tuples(st.sampled_from([1, 60_000, 1_200_000, 2_700_000]), st.integers(min_value=0, max_value=6)),
@@ -127,7 +148,11 @@ DOWNTIME = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: CI runs a couple of hundred examples; FLEXWORKER_PROPERTY_EXAMPLES=5000 searches far longer.
+EXAMPLES = int(os.environ.get("FLEXWORKER_PROPERTY_EXAMPLES", "200"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(min_value=0, max_value=10_000),
     initial=st.integers(min_value=0, max_value=40),
@@ -141,17 +166,17 @@ DOWNTIME = st.lists(
     seed=0,
     initial=2,
     schedule=[
-        (1, 12),
-        *[(1, 0)] * 5,
-        (1, 7),
-        (1, 12),
-        (1, 8),
-        (1, 0),
-        (1, 4),
-        (1, 0),
-        (1, 0),
-        (1, 2),
-        (700, 1),
+        (1, 12, 0),
+        *[(1, 0, 0)] * 5,
+        (1, 7, 0),
+        (1, 12, 0),
+        (1, 8, 0),
+        (1, 0, 0),
+        (1, 4, 0),
+        (1, 0, 0),
+        (1, 0, 0),
+        (1, 2, 0),
+        (700, 1, 0),
     ],
     cuts=[],
     downtimes=[],
@@ -159,7 +184,7 @@ DOWNTIME = st.lists(
 def test_delivered_equals_ground_truth(
     seed: int,
     initial: int,
-    schedule: list[tuple[int, int]],
+    schedule: list[Step],
     cuts: list[int],
     downtimes: list[list[tuple[int, int]]],
 ) -> None:
@@ -169,15 +194,20 @@ def test_delivered_equals_ground_truth(
     for _ in range(initial):
         clock.advance(1)
         sim.traffic.step(1)
-    delivered, reads = asyncio.run(
+    delivered, api = asyncio.run(
         deliver_all(sim, clock, list(schedule), since, cuts=cuts, downtimes=downtimes)
     )
     truth = [event_key(t.transaction_id, t.transition, t.created_at) for t in sim.transition_log]
     made_down = sum(n for downtime in downtimes for _, n in downtime)
-    assert len(truth) == initial + sum(n for _, n in schedule) + made_down
+    assert len(truth) == initial + sum(n for _, n, _ in schedule) + made_down
     assert len(set(truth)) == len(truth)
-    assert sorted(delivered) == sorted(truth)
-    assert reads >= 1
+    # Every transition of a transaction that still exists is delivered, once; of one deleted
+    # before the poller saw it, nothing can be; nothing is made up.
+    alive = [t for t in sim.transition_log if t.transaction_id not in api.deleted]
+    alive_keys = {event_key(t.transaction_id, t.transition, t.created_at) for t in alive}
+    assert len(delivered) == len(set(delivered))
+    assert alive_keys <= set(delivered) <= set(truth)
+    assert api.reads >= 1
 
 
 def test_a_transaction_that_keeps_moving_is_caught() -> None:
@@ -186,6 +216,6 @@ def test_a_transaction_that_keeps_moving_is_caught() -> None:
     since = clock() - timedelta(milliseconds=1)
     sim = Simulator(SimConfig(seed=11, rate_limits=None, page_cap=PAGE_CAP, clock=clock))
     sim.traffic.step(30)
-    delivered, _ = asyncio.run(deliver_all(sim, clock, [(0, 0)] + [(1000, 3)] * 9, since))
+    delivered, _ = asyncio.run(deliver_all(sim, clock, [(0, 0, 0)] + [(1000, 3, 0)] * 9, since))
     truth = [event_key(t.transaction_id, t.transition, t.created_at) for t in sim.transition_log]
     assert sorted(delivered) == sorted(truth)

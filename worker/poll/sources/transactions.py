@@ -142,6 +142,8 @@ class _Plan:
     frontier: int = 0
     #: ``totalItems`` of the current listing at its last read.
     total: int | None = None
+    #: the newest ``lastTransitionedAt`` the cycle has read (so no ``createdAt`` it read is newer).
+    newest_ms: int = 0
     pages: int = 0
     events: int = 0
     recent: OrderedDict[UUID, int] = field(default_factory=OrderedDict)
@@ -319,6 +321,7 @@ class TransactionsSource:
         floor = from_ms(plan.emit_floor_ms)
         for tx in result.data:
             moved_at_ms = to_ms(tx.attributes.last_transitioned_at)
+            plan.newest_ms = max(plan.newest_ms, moved_at_ms)
             if moved_at_ms <= plan.threshold_ms or plan.recent.get(tx.id) == moved_at_ms:
                 continue
             plan.recent[tx.id] = moved_at_ms
@@ -346,12 +349,12 @@ class TransactionsSource:
         return self._split(whole, whole.estimate, shrink=False, now_ms=self._now_ms(plan))
 
     def _now_ms(self, plan: _Plan) -> int:
-        """Where the open window's span ends for planning: the API's clock, else the cycle's head.
+        """Where the open window's span ends for planning: the API's clock, else the newest time read.
 
         Not the host's clock, which may be far off. Transactions created later fall
         into the open window all the same.
         """
-        return max(self._api_ms_seen, plan.head_ms or plan.watermark_ms)
+        return max(self._api_ms_seen, plan.newest_ms, plan.head_ms or plan.watermark_ms)
 
     def _split(self, window: _Window, count: int, *, shrink: bool, now_ms: int) -> list[_Window]:
         """Cut ``window`` (``count`` transactions) into equal spans planned at the fill share of the cap.
