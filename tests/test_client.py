@@ -9,6 +9,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from email.utils import format_datetime
 from types import SimpleNamespace
 from typing import Any
@@ -549,6 +550,20 @@ async def test_transit_answers_are_decoded(api: FakeApi, clock: FakeClock) -> No
     # The id travels as a tagged Transit UUID, keys as keywords.
     assert wire.decode(command.body, wire.TRANSIT_MIME) == {"id": str(TX_ID), "metadata": {"synced": True}}
     assert b"~u" + str(TX_ID).encode() in command.body
+
+
+async def test_metadata_is_sent_as_the_user_wrote_it(api: FakeApi, clock: FakeClock) -> None:
+    metadata = {"type": "vip", "score": Decimal("12345678901234567.891"), "tiers": [{"type": "gold"}]}
+    api.default(
+        "transactions/update_metadata", json_response({"data": {"id": str(TX_ID), "type": "transaction"}})
+    )
+    for accept in (wire.TRANSIT_MIME, wire.JSON_MIME):
+        async with make_client(api, clock, accept=accept) as c:
+            await c.transactions_update_metadata(TX_ID, metadata, expand=False)
+    transit, plain = api.api_requests
+    assert wire.decode(transit.body, wire.TRANSIT_MIME)["metadata"] == metadata
+    assert b"~:vip" not in transit.body and b"~:gold" not in transit.body
+    assert b'"score":12345678901234567.891' in plain.body
 
 
 # -- paging -----------------------------------------------------------------------------
