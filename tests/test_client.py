@@ -181,6 +181,24 @@ async def test_show_resolves_included_resources(api: FakeApi, client: Integratio
     assert api.api_requests[0].query == {"id": str(TX_ID), "include": "customer"}
 
 
+async def test_show_leaves_gone_related_resources_absent(api: FakeApi, client: IntegrationClient) -> None:
+    deleted = {
+        "id": str(USER_ID),
+        "type": "user",
+        "attributes": {"deleted": True, "banned": False, "createdAt": None, "profile": None},
+    }
+    doc = transaction_doc(TX_ID)
+    doc["relationships"] = {
+        "customer": {"data": {"id": str(USER_ID), "type": "user"}},
+        "provider": {"data": {"id": str(uuid.uuid4()), "type": "user"}},  # not in included: gone
+        "listing": {"data": None},
+    }
+    api.default("transactions/show", json_response({"data": doc, "included": [deleted]}))
+    tx = await client.transactions_show(TX_ID, include=["customer", "provider", "listing"])
+    assert tx.customer is not None and tx.customer.attributes.deleted
+    assert tx.provider is None and tx.listing is None
+
+
 async def test_events_query_parameters(api: FakeApi, client: IntegrationClient) -> None:
     api.default("events/query", json_response({"data": [event_doc(8), event_doc(9)]}))
     page = await client.events_query(
@@ -198,6 +216,41 @@ async def test_events_query_parameters(api: FakeApi, client: IntegrationClient) 
         "resourceId": str(TX_ID),
         "perPage": "100",
     }
+
+
+@pytest.mark.parametrize(
+    ("date", "served_at"),
+    [
+        ("Wed, 01 Jan 2031 12:34:56 GMT", datetime(2031, 1, 1, 12, 34, 56, tzinfo=UTC)),
+        ("Wed, 01 Jan 2031 14:34:56 +0200", datetime(2031, 1, 1, 12, 34, 56, tzinfo=UTC)),
+        ("the day after tomorrow", None),
+    ],
+)
+async def test_pages_carry_the_servers_time(
+    api: FakeApi, client: IntegrationClient, date: str, served_at: datetime | None
+) -> None:
+    page_body = page_doc([transaction_doc(TX_ID)], page=1, per_page=10, total_items=1)
+    api.default("transactions/query", json_response(page_body, headers={"Date": date}))
+    api.default("events/query", json_response({"data": [event_doc(1)]}, headers={"Date": date}))
+    for page in (await client.transactions_query(), await client.events_query()):
+        assert page.served_at == served_at
+        if served_at is not None:
+            assert page.served_at is not None and page.served_at.utcoffset() == timedelta(0)
+
+
+async def test_an_unreadable_item_is_set_aside_and_the_page_returned(
+    api: FakeApi, client: IntegrationClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = event_doc(8)
+    del broken["attributes"]["eventType"]
+    api.default("events/query", json_response({"data": [event_doc(7), broken, event_doc(9)]}))
+    page = await client.events_query(start_after_sequence_id=6)
+    assert [e.attributes.sequence_id for e in page.data] == [7, 9]
+    (rejected,) = page.rejected
+    assert (rejected.index, rejected.id, rejected.sequence_id) == (1, broken["id"], 8)
+    assert "attributes.eventType" in rejected.reason
+    assert page.received == 3
+    assert "item 1 set aside" in caplog.text
 
 
 async def test_transition_command_sends_json_body(api: FakeApi, client: IntegrationClient) -> None:

@@ -45,7 +45,6 @@ from typing import Any, Literal, Protocol, Self, TypedDict, TypeVar, Unpack, ove
 from uuid import UUID
 
 import aiohttp
-from multidict import CIMultiDictProxy
 from pydantic import SecretStr
 
 from worker.api import wire
@@ -238,6 +237,8 @@ class _Answer:
     body: Any
     request: RequestInfo
     attempts: int
+    #: the server's clock when it answered (its ``Date`` header), if it sent one that parses.
+    served_at: datetime | None = None
 
 
 @dataclass
@@ -509,9 +510,13 @@ class IntegrationClient:
     @staticmethod
     def _page(model: type[R], answer: _Answer) -> Page[R]:
         try:
-            return parse_page(model, answer.body)
+            page = parse_page(model, answer.body)
         except DecodeError as exc:
             raise type(exc)(exc.message, request=answer.request, attempts=answer.attempts) from exc
+        for item in page.rejected:
+            logger.warning("%s: item %d set aside: %s", answer.request, item.index, item.reason)
+        page.served_at = answer.served_at
+        return page
 
     @staticmethod
     def _ref(answer: _Answer) -> ResourceRef:
@@ -628,7 +633,7 @@ class IntegrationClient:
         if 200 <= status < 300:
             mime = _mime_of(content_type, self.accept)
             try:
-                return _Answer(wire.decode(body, mime), request, attempts)
+                return _Answer(wire.decode(body, mime), request, attempts, _server_time(resp_headers))
             except wire.WireFormatError as exc:
                 error_ = DecodeError(
                     f"Integration API answered {status} with a body that is not valid {mime} "
@@ -653,18 +658,27 @@ class IntegrationClient:
         error.__cause__ = exc
         return _Failure(error, retryable=retryable)
 
-    def _retry_after_s(self, headers: CIMultiDictProxy[str]) -> float | None:
+    def _retry_after_s(self, headers: Mapping[str, str]) -> float | None:
         value = headers.get("Retry-After")
         if value is None:
             return None
-        now_s = self._wall_clock()
-        server_date = headers.get("Date")
-        if server_date:
-            # The server's own clock makes an HTTP-date Retry-After immune to our clock skew.
-            with contextlib.suppress(TypeError, ValueError, IndexError):
-                at = parsedate_to_datetime(server_date)
-                now_s = (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+        # The server's own clock makes an HTTP-date Retry-After immune to our clock skew.
+        served_at = _server_time(headers)
+        now_s = served_at.timestamp() if served_at is not None else self._wall_clock()
         return parse_retry_after(value, now_s=now_s)
+
+
+def _server_time(headers: Mapping[str, str]) -> datetime | None:
+    """The answer's ``Date`` as an aware UTC datetime; None when absent or unreadable."""
+    value = headers.get("Date")
+    if not value:
+        return None
+    try:
+        at = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    # RFC 9110 dates are GMT; a naive parse means "-0000", which is UTC too.
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 def _mime_of(content_type: str, fallback: str) -> str:
