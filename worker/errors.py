@@ -11,6 +11,7 @@ errors from libraries (aiohttp, pydantic, transit) are wrapped at the boundary w
      │    ├── TransportError         no usable HTTP answer (after retries)
      │    │    ├── ApiConnectError   connection refused, reset or dropped
      │    │    └── ApiTimeoutError   no answer in time
+     │    ├── CommandOutcomeUnknownError  a command was sent; whether it took effect is unknown
      │    ├── DecodeError            an answer arrived but its body is unusable
      │    │    └── ResourceError     a resource lacks a field we require
      │    └── HTTPStatusError        a non-2xx answer (after retries where they apply)
@@ -41,6 +42,7 @@ __all__ = [
     "ApiTimeoutError",
     "AuthError",
     "BadRequestError",
+    "CommandOutcomeUnknownError",
     "ConfigError",
     "DecodeError",
     "FlexworkerError",
@@ -152,6 +154,31 @@ class ApiConnectError(TransportError):
 
 class ApiTimeoutError(TransportError):
     """The API did not answer within the configured timeout."""
+
+
+class CommandOutcomeUnknownError(ApiError):
+    """A command left, and nobody can tell whether it took effect.
+
+    A gateway answered 502 or 504 (the upstream may have applied it), the API
+    answered 500, the connection broke after the request was sent, no answer came
+    in time, or a 2xx answer could not be read (then it did take effect). Sending
+    it again could apply it twice, or turn an applied transition into a 409, so
+    the client never does. Inside :meth:`~worker.plugin.HandlerContext.step` the
+    step is left *uncertain*: the next attempt asks ``if_uncertain``. Anywhere
+    else it is a transient failure like any other. ``status`` is the HTTP status
+    when there was one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        request: RequestInfo | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message, request=request, attempts=attempts)
+        self.status = status
 
 
 class DecodeError(ApiError):

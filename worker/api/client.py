@@ -12,12 +12,15 @@ full jitter; ``Retry-After`` is honoured as a minimum wait):
   every connection failure (refused, reset, dropped, truncated body), every timeout,
   and a 2xx whose body cannot be decoded: a body cut short without framing (no
   length, connection closed) looks exactly like malformed JSON.
-- **Commands** may already have taken effect, so they retry only when the server
-  surely or most probably did not act: 408, 429, 502, 503, 504 and failures to
-  connect at all. A 500, a dropped connection, a read timeout or an undecodable 2xx
-  is raised at once. (A repeated Flex transition that did land the first time comes
-  back as 409 ``transaction-invalid-transition``; a repeated metadata update writes
-  the same values.)
+- **Commands** may already have taken effect, so they retry only where the request
+  surely did not: 408, 429, 503 and failures to connect at all (refused, connect
+  timeout). Where it may have (a gateway's 502 or 504, whose upstream may have
+  applied it; a 500; a connection broken after sending; a read timeout; a 2xx
+  whose body cannot be read, though it did apply) they raise
+  :class:`~worker.errors.CommandOutcomeUnknownError` at once and never send it
+  again: a repeated Flex transition that landed the first time comes back 409
+  ``transaction-invalid-transition``, and a command that is not naturally
+  idempotent would run twice. ``ctx.step`` leaves such a step uncertain.
 - **401** is not a transient failure: the token manager refreshes the token once,
   then re-authenticates once, and a third 401 raises :class:`~worker.errors.AuthError`.
 - Everything else (400, 402, 403, 404, 409, ...) raises at once.
@@ -70,10 +73,10 @@ from worker.errors import (
     ApiErrorDetail,
     ApiTimeoutError,
     AuthError,
+    CommandOutcomeUnknownError,
     ConfigError,
     DecodeError,
     RequestInfo,
-    TransportError,
     status_error,
 )
 
@@ -93,8 +96,9 @@ API_PREFIX = "/v1/integration_api/"
 #: Sharetribe's SDKs never open more than this many connections per client.
 MAX_CONNECTIONS = 10
 
-_RETRY_ALWAYS = frozenset({408, 429, 502, 503, 504})
-_RETRY_QUERIES = _RETRY_ALWAYS | {500}
+#: Statuses that say the request was not acted on: safe to send again, even a command.
+_NOT_DONE = frozenset({408, 429, 503})
+_RETRY_QUERIES = _NOT_DONE | {500, 502, 504}
 
 logger = logging.getLogger(__name__)
 
@@ -505,7 +509,7 @@ class IntegrationClient:
         try:
             return parse_document(model, answer.body)
         except DecodeError as exc:
-            raise type(exc)(exc.message, request=answer.request, attempts=answer.attempts) from exc
+            raise _unreadable(exc, answer) from exc
 
     @staticmethod
     def _page(model: type[R], answer: _Answer) -> Page[R]:
@@ -525,8 +529,8 @@ class IntegrationClient:
         try:
             return ResourceRef.model_validate(data)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            message = "answer's 'data' is not a resource reference"
-            raise DecodeError(message, request=answer.request, attempts=answer.attempts) from exc
+            error = DecodeError("answer's 'data' is not a resource reference")
+            raise _unreadable(error, answer) from exc
 
     # -- the request loop ----------------------------------------------------------
 
@@ -608,25 +612,33 @@ class IntegrationClient:
         except aiohttp.ConnectionTimeoutError as exc:
             # Never connected, so nothing was sent: safe to retry even a command.
             message = "timed out connecting to the Integration API"
-            error: TransportError = ApiTimeoutError(message, request=request)
+            error: ApiError = ApiTimeoutError(message, request=request)
             return self._transport_failure(error, exc, retryable=True)
         except aiohttp.ClientConnectorError as exc:
             message = f"cannot connect to the Integration API ({exc.os_error})"
             error = ApiConnectError(message, request=request)
             return self._transport_failure(error, exc, retryable=True)
-        except TimeoutError as exc:
-            error = ApiTimeoutError("the Integration API did not answer in time", request=request)
-            return self._transport_failure(error, exc, retryable=is_query)
-        except aiohttp.ClientPayloadError as exc:
-            error = ApiConnectError("the Integration API's answer was cut short", request=request)
-            return self._transport_failure(error, exc, retryable=is_query)
         except aiohttp.InvalidURL as exc:
             error = ApiConnectError(f"invalid Integration API URL ({exc})", request=request)
             return self._transport_failure(error, exc, retryable=False)
+        except TimeoutError as exc:
+            if is_query:
+                error = ApiTimeoutError("the Integration API did not answer in time", request=request)
+            else:
+                error = _outcome_unknown("no answer came in time", request)
+            return self._transport_failure(error, exc, retryable=is_query)
+        except aiohttp.ClientPayloadError as exc:
+            if is_query:
+                error = ApiConnectError("the Integration API's answer was cut short", request=request)
+            else:
+                error = _outcome_unknown("the answer was cut short", request)
+            return self._transport_failure(error, exc, retryable=is_query)
         except aiohttp.ClientError as exc:
-            error = ApiConnectError(
-                f"connection to the Integration API failed ({type(exc).__name__})", request=request
-            )
+            what = f"connection to the Integration API failed ({type(exc).__name__})"
+            if is_query:
+                error = ApiConnectError(what, request=request)
+            else:
+                error = _outcome_unknown(f"the {what.removeprefix('the ')} after it was sent", request)
             return self._transport_failure(error, exc, retryable=is_query)
 
         content_type = resp_headers.get("Content-Type", "")
@@ -635,25 +647,34 @@ class IntegrationClient:
             try:
                 return _Answer(wire.decode(body, mime), request, attempts, _server_time(resp_headers))
             except wire.WireFormatError as exc:
-                error_ = DecodeError(
+                what = (
                     f"Integration API answered {status} with a body that is not valid {mime} "
-                    f"(Content-Type {content_type or 'missing'!r}, {len(body)} bytes): {exc}",
-                    request=request,
+                    f"(Content-Type {content_type or 'missing'!r}, {len(body)} bytes): {exc}"
                 )
-                error_.__cause__ = exc
-                return _Failure(error_, retryable=is_query)
+                error = (
+                    DecodeError(what, request=request)
+                    if is_query
+                    else _outcome_unknown(f"{what}; the command took effect", request, status=status)
+                )
+                error.__cause__ = exc
+                return _Failure(error, retryable=is_query)
 
         details: list[ApiErrorDetail] = []
         # 5xx bodies are not guaranteed to be valid; the status says enough then.
         with contextlib.suppress(wire.WireFormatError, ValueError, TypeError):
             details = parse_error_details(wire.decode(body, _mime_of(content_type, self.accept)))
         status_exc = status_error(status, details, request=request)
-        retryable = status in (_RETRY_QUERIES if is_query else _RETRY_ALWAYS)
+        if not is_query and status >= 500 and status not in _NOT_DONE:
+            # A gateway's 502/504 or the API's 500: the command may have been applied upstream.
+            unknown = _outcome_unknown(status_exc.message, request, status=status)
+            unknown.__cause__ = status_exc
+            return _Failure(unknown, retryable=False)
+        retryable = status in (_RETRY_QUERIES if is_query else _NOT_DONE)
         retry_after_s = self._retry_after_s(resp_headers) if retryable else None
         return _Failure(status_exc, retryable=retryable, retry_after_s=retry_after_s)
 
     @staticmethod
-    def _transport_failure(error: TransportError, exc: BaseException, *, retryable: bool) -> _Failure:
+    def _transport_failure(error: ApiError, exc: BaseException, *, retryable: bool) -> _Failure:
         # The failure may be raised much later, from the retry loop; keep the library error as its cause.
         error.__cause__ = exc
         return _Failure(error, retryable=retryable)
@@ -679,6 +700,24 @@ def _server_time(headers: Mapping[str, str]) -> datetime | None:
         return None
     # RFC 9110 dates are GMT; a naive parse means "-0000", which is UTC too.
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _outcome_unknown(
+    what: str, request: RequestInfo, *, status: int | None = None
+) -> CommandOutcomeUnknownError:
+    return CommandOutcomeUnknownError(
+        f"command outcome unknown, not sent again: {what}", status=status, request=request
+    )
+
+
+def _unreadable(exc: DecodeError, answer: _Answer) -> ApiError:
+    """A 2xx answer that cannot be read: for a command, it did take effect all the same."""
+    if answer.request.method != "GET":
+        unknown = _outcome_unknown(f"{exc.message}; the command took effect", answer.request, status=200)
+        unknown.attempts = answer.attempts
+        return unknown
+    error: ApiError = type(exc)(exc.message, request=answer.request, attempts=answer.attempts)
+    return error
 
 
 def _mime_of(content_type: str, fallback: str) -> str:
