@@ -17,6 +17,7 @@ from tests.fakes import (
     FakeClock,
     error_response,
     json_response,
+    raw_response,
     token_error,
     token_ok,
     transaction_doc,
@@ -24,7 +25,7 @@ from tests.fakes import (
 from worker.api.auth import Grant, TokenManager
 from worker.api.backoff import Backoff
 from worker.api.client import IntegrationClient
-from worker.errors import AuthError, ServerError
+from worker.errors import AuthError, NotFoundError, ServerError
 
 SECRET = "s3cr3t-do-not-leak"
 OK_DOC = {"data": {"id": "0b0e6a55-9c62-4b55-8f7e-1d2a33b8e001", "type": "marketplace", "attributes": {}}}
@@ -309,3 +310,47 @@ async def test_secret_never_in_reprs(api: FakeApi, session: aiohttp.ClientSessio
     assert SECRET not in repr(tokens)
     assert "tok-1" not in repr(tokens._token)
     assert "cid" in repr(tokens)
+
+
+async def test_a_408_from_the_token_endpoint_is_a_blip_not_a_refusal(
+    api: FakeApi, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    timeout = error_response(408, "request-timeout", "Request timeout")
+    api.script(
+        TOKEN_PATH,
+        timeout,
+        token_ok("first", refresh="r1", expires_in=60),
+        timeout,
+        token_ok("second", refresh="r2", expires_in=60),
+    )
+    tokens = manager(api, session, clock)
+    assert await tokens.access_token() == "first"
+    clock.advance(120)
+    # The refresh token survived the 408 and was offered again.
+    assert await tokens.access_token() == "second"
+    assert grants(api) == ["client_credentials", "client_credentials", "refresh_token", "refresh_token"]
+    assert api.token_requests[3].form["refresh_token"] == "r1"
+    assert len(clock.sleeps) == 2
+
+
+async def test_a_truncated_token_answer_is_asked_again(
+    api: FakeApi, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    # No Content-Length and the connection closed: the body simply ends early.
+    cut = raw_response(b'{"access_token": "tok-cut", "expires_in": 36')
+    api.script(TOKEN_PATH, cut, token_ok("first", refresh="r1", expires_in=60), cut, token_ok("second"))
+    tokens = manager(api, session, clock)
+    assert await tokens.access_token() == "first"
+    clock.advance(120)
+    assert await tokens.access_token() == "second"
+    assert grants(api) == ["client_credentials", "client_credentials", "refresh_token", "refresh_token"]
+
+
+async def test_a_token_endpoint_that_is_not_there_is_not_retried(
+    api: FakeApi, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    api.default(TOKEN_PATH, error_response(404, "not-found", "Not found"))
+    tokens = manager(api, session, clock)
+    with pytest.raises(NotFoundError):
+        await tokens.access_token()
+    assert len(api.token_requests) == 1

@@ -8,9 +8,12 @@ secret travels as rarely as possible.
 When the API answers 401 the client asks :meth:`TokenManager.recover` for a new token,
 following the official SDK: one refresh-token grant, then (if that grant is refused)
 one client-credentials grant, then the caller gives up. Rejected client credentials
-raise :class:`~worker.errors.AuthError` at once: a wrong secret never becomes right by
-retrying. Transient failures of the token endpoint itself (429, 5xx, connection
-errors) are retried with the :class:`~worker.api.backoff.Backoff` policy.
+(400, 401, 403) raise :class:`~worker.errors.AuthError` at once: a wrong secret never
+becomes right by retrying. Transient failures of the token endpoint itself (408,
+429, 5xx, connection errors, and a 2xx whose body is cut short or unreadable) are
+retried with the :class:`~worker.api.backoff.Backoff` policy: a token request is safe
+to repeat. Only a refusal drops the refresh token; a failure that outlasts the
+retries says nothing about it.
 
 All renewals go through one lock, so any number of concurrent callers cause one token
 request. The client secret and the tokens never appear in reprs, logs or exception
@@ -53,6 +56,11 @@ __all__ = ["TOKEN_PATH", "Grant", "TokenManager"]
 TOKEN_PATH = "/v1/auth/token"  # noqa: S105 - a URL path, not a password
 
 Grant = Literal["refresh_token", "client_credentials"]
+
+#: The token endpoint's way of saying no to the credentials or the refresh token (OAuth2).
+_REFUSED = frozenset({400, 401, 403})
+#: Answers that say "not now" rather than "no".
+_TRANSIENT = frozenset({408, 429})
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +128,7 @@ class TokenManager:
             if self._refresh_token is not None:
                 try:
                     return await self._grant_refresh(self._refresh_token)
-                except (AuthError, DecodeError) as exc:
+                except AuthError as exc:
                     logger.info("refresh-token grant refused (%s); using client credentials", _why(exc))
             return await self._grant_client_credentials()
 
@@ -146,7 +154,7 @@ class TokenManager:
                 if self._refresh_token is not None:
                     try:
                         return await self._grant_refresh(self._refresh_token)
-                    except (AuthError, DecodeError) as exc:
+                    except AuthError as exc:
                         logger.info("refresh-token grant refused (%s); using client credentials", _why(exc))
             if "client_credentials" not in tried:
                 tried.add("client_credentials")
@@ -172,7 +180,7 @@ class TokenManager:
         form = {"client_id": self.client_id, "grant_type": "refresh_token", "refresh_token": refresh_token}
         try:
             return await self._grant(form, "refresh_token")
-        except (AuthError, DecodeError):
+        except AuthError:
             # A refused refresh token stays refused; don't offer it again.
             self._refresh_token = None
             raise
@@ -192,19 +200,26 @@ class TokenManager:
                 failure: ApiError = exc
             else:
                 if 200 <= status < 300:
-                    return self._accept(body, grant, sent_at_s, request, attempts)
-                details = self._error_details(body, status)
-                if status != 429 and status < 500:
-                    what = "client credentials" if grant == "client_credentials" else "refresh token"
-                    raise AuthError(
-                        f"{what} rejected by the token endpoint ({_summary(details)})",
-                        status=status,
-                        errors=details,
-                        request=request,
-                        attempts=attempts,
-                    )
-                failure = status_error(status, details, request=request, attempts=attempts)
-                retry_after_s = parse_retry_after(retry_after, now_s=time.time())
+                    try:
+                        return self._accept(body, grant, sent_at_s, request, attempts)
+                    except DecodeError as exc:
+                        # Most likely cut short without framing; asking again is harmless.
+                        failure = exc
+                else:
+                    details = self._error_details(body, status)
+                    if status in _REFUSED:
+                        what = "client credentials" if grant == "client_credentials" else "refresh token"
+                        raise AuthError(
+                            f"{what} rejected by the token endpoint ({_summary(details)})",
+                            status=status,
+                            errors=details,
+                            request=request,
+                            attempts=attempts,
+                        )
+                    failure = status_error(status, details, request=request, attempts=attempts)
+                    if status not in _TRANSIENT and status < 500:
+                        raise failure  # 404, 405, ...: a wrong URL, not a blip
+                    retry_after_s = parse_retry_after(retry_after, now_s=time.time())
             delay_s = self._backoff.next_delay_s(
                 attempts, self._clock() - started_s, self._rng, retry_after_s=retry_after_s
             )
