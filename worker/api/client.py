@@ -360,6 +360,7 @@ class IntegrationClient:
     async def aclose(self) -> None:
         """Close the session if this client created it; the client is unusable afterwards."""
         self._closed = True
+        await self.tokens.aclose()
         if self._session is not None and self._owns_session:
             await self._session.close()
 
