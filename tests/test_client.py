@@ -20,6 +20,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from tests.fakes import (
+    TOKEN_PATH,
     FakeApi,
     FakeClock,
     Responder,
@@ -42,6 +43,7 @@ from worker.errors import (
     ApiConnectError,
     ApiTimeoutError,
     BadRequestError,
+    CallBudgetError,
     CommandOutcomeUnknownError,
     ConfigError,
     DecodeError,
@@ -66,6 +68,12 @@ def make_client(api: FakeApi, clock: FakeClock, **overrides: Any) -> Integration
     }
     kwargs.update(overrides)
     return IntegrationClient("cid", "secret", **kwargs)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
 
 
 @pytest.fixture
@@ -749,6 +757,74 @@ async def test_every_retry_takes_a_bucket_token(api: FakeApi, clock: FakeClock) 
     assert first == start_s
     # The backoff wait (<= 0.5 s) is far shorter than the bucket's 10 s refill: the bucket sets the pace.
     assert second == pytest.approx(start_s + 10.0)
+
+
+# -- the call's time budget -------------------------------------------------------------
+
+HALF_SECOND = Backoff(base_s=0.5, cap_s=4.0, max_attempts=4, max_total_s=0.5)
+
+
+async def test_a_bucket_wait_beyond_the_budget_is_not_begun(api: FakeApi, clock: FakeClock) -> None:
+    limits = RateLimits(
+        queries=BucketSpec(initial=1, refill_amount=1, refill_interval_s=3.0, capacity=1),
+        commands=BucketSpec(initial=1, refill_amount=1, refill_interval_s=3.0, capacity=1),
+    )
+    api.default("transactions/update_metadata", tx_answer())
+    async with make_client(api, clock, rate_limits=limits, backoff=HALF_SECOND) as c:
+        await c.transactions_update_metadata(TX_ID, {"n": 1})
+        start_s = clock()
+        with pytest.raises(CallBudgetError, match="client-side rate limit") as info:
+            await c.transactions_update_metadata(TX_ID, {"n": 2})
+        assert clock() - start_s == 0  # the 3 s wait for the bucket was never begun
+        # The token it did not use is still there for the next caller, after its 3 s.
+        clock.advance(3.0)
+        await c.transactions_update_metadata(TX_ID, {"n": 3})
+    assert info.value.attempts == 0
+    assert [json.loads(r.body)["metadata"] for r in api.api_requests] == [{"n": 1}, {"n": 3}]
+
+
+async def test_retries_stop_where_the_bucket_would_wait_past_the_budget(
+    api: FakeApi, clock: FakeClock
+) -> None:
+    limits = RateLimits(
+        queries=BucketSpec(initial=1, refill_amount=1, refill_interval_s=3.0, capacity=1),
+        commands=BucketSpec(initial=1, refill_amount=1, refill_interval_s=3.0, capacity=1),
+    )
+    api.script("transactions/show", error_response(503, "unavailable", "Down"), tx_answer())
+    start_s = clock()
+    async with make_client(api, clock, rate_limits=limits, backoff=HALF_SECOND) as c:
+        with pytest.raises(ServerError) as info:
+            await c.transactions_show(TX_ID)
+    assert info.value.attempts == 1  # the retry would have waited ~3 s for the bucket
+    assert clock() - start_s <= HALF_SECOND.max_total_s
+    assert len(api.api_requests) == 1
+
+
+async def test_a_token_wait_is_cut_at_the_budget(
+    api: FakeApi, clock: FakeClock, session: aiohttp.ClientSession
+) -> None:
+    api.default(TOKEN_PATH, error_response(503, "unavailable", "Down"))
+    async with make_client(
+        api, clock, backoff=Backoff(base_s=0.2, cap_s=0.2, max_attempts=4, max_total_s=0.5)
+    ) as c:
+        # The token manager would try for longer than the call may wait.
+        c.tokens = TokenManager(
+            client_id="cid",
+            client_secret="secret",
+            base_url=api.url,
+            session=session,
+            backoff=Backoff(base_s=0.2, cap_s=0.2, max_attempts=50, max_total_s=100),
+            clock=clock,
+            sleep=clock.sleep,
+            rng=random.Random(1),
+        )
+        with pytest.raises(ServerError) as info:
+            await c.transactions_show(TX_ID)
+        await c.tokens.aclose()
+    assert info.value.attempts < 50  # let go long before the token manager gave up
+    waited_s = sum(clock.sleeps[: info.value.attempts - 1])
+    assert waited_s <= 0.5 < waited_s + clock.sleeps[info.value.attempts - 1]
+    assert api.api_requests == []
 
 
 # -- construction and lifecycle ---------------------------------------------------------

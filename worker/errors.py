@@ -12,6 +12,7 @@ errors from libraries (aiohttp, pydantic, transit) are wrapped at the boundary w
      │    │    ├── ApiConnectError   connection refused, reset or dropped
      │    │    └── ApiTimeoutError   no answer in time
      │    ├── CommandOutcomeUnknownError  a command was sent; whether it took effect is unknown
+     │    ├── CallBudgetError        the call's budget ran out before its next request could start
      │    ├── DecodeError            an answer arrived but its body is unusable
      │    │    └── ResourceError     a resource lacks a field we require
      │    └── HTTPStatusError        a non-2xx answer (after retries where they apply)
@@ -42,6 +43,7 @@ __all__ = [
     "ApiTimeoutError",
     "AuthError",
     "BadRequestError",
+    "CallBudgetError",
     "CommandOutcomeUnknownError",
     "ConfigError",
     "DecodeError",
@@ -179,6 +181,15 @@ class CommandOutcomeUnknownError(ApiError):
     ) -> None:
         super().__init__(message, request=request, attempts=attempts)
         self.status = status
+
+
+class CallBudgetError(ApiError):
+    """No request could start within the call's time budget (``api_retry_max_total_s``).
+
+    The client-side rate limit or a token renewal would have kept the first request
+    waiting past it. Nothing was sent; it is transient. (Once a request was sent
+    and failed, running out of budget raises that failure instead.)
+    """
 
 
 class DecodeError(ApiError):

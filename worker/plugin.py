@@ -85,10 +85,10 @@ What happens when ``handle`` raises:
   :class:`RetryPolicy`): network errors (``aiohttp.ClientError``, ``OSError``),
   timeouts (the handler's own ``timeout_s`` included), ``aiohttp.ClientResponseError``
   with status 429 or 5xx (``Retry-After`` honoured), flexworker's
-  ``TransportError``/``RateLimitedError``/``ServerError``/``CommandOutcomeUnknownError``,
-  :class:`RetryLater` (waits at least ``after_s``), and any other unexpected
-  exception: a bug may be a flaky dependency. When ``max_attempts`` are used up the
-  event is dead-lettered.
+  ``TransportError``/``RateLimitedError``/``ServerError``/``CallBudgetError``/
+  ``CommandOutcomeUnknownError``, :class:`RetryLater` (waits at least ``after_s``),
+  and any other unexpected exception: a bug may be a flaky dependency. When
+  ``max_attempts`` are used up the event is dead-lettered.
 - **Uncertain**: ``ctx.client``'s commands (``transactions_transition``,
   ``transactions_update_metadata``, ``post``) raise ``CommandOutcomeUnknownError``
   when the command may have taken effect but no answer says so (a gateway's 502 or

@@ -29,6 +29,12 @@ full jitter; ``Retry-After`` is honoured as a minimum wait):
 
 ``Backoff.max_attempts`` caps the attempts that failed transiently; the ``attempts``
 on an error counts every request sent, 401 recoveries included.
+``Backoff.max_total_s`` is the budget of the whole call, from the moment it is made
+to the start of its last attempt: waits for the rate-limit bucket, for a token
+renewal and between retries all count. A wait that would end past it is not begun
+(a bucket wait), or cut short (a token renewal's waiter is let go): the call raises
+its last failure, or :class:`~worker.errors.CallBudgetError` if no request could
+start at all. So a call ends within the budget plus one request's timeout.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ from worker.errors import (
     ApiErrorDetail,
     ApiTimeoutError,
     AuthError,
+    CallBudgetError,
     CommandOutcomeUnknownError,
     ConfigError,
     DecodeError,
@@ -550,20 +557,20 @@ class IntegrationClient:
         tried: set[Grant] = set()
         attempts = 0
         failures = 0
-        started_s: float | None = None
+        started_s = self._clock()
+        # The budget bounds the whole call: bucket, token and backoff waits alike.
+        deadline_s = started_s + self.backoff.max_total_s
+        last_error: ApiError | None = None
         while True:
-            if bucket is not None:
-                await bucket.take(sleep=self._sleep)
-            token = await self.tokens.access_token()
-            if started_s is None:
-                # The retry budget starts with the first request, not with waiting for the bucket.
-                started_s = self._clock()
+            if bucket is not None and not await bucket.take(sleep=self._sleep, latest_s=deadline_s):
+                raise self._out_of_budget(request, attempts, last_error, "for the client-side rate limit")
+            token = await self.tokens.access_token(deadline_s=deadline_s)
             attempts += 1
             outcome = await self._attempt(request, token, payload, attempts)
             if isinstance(outcome, _Answer):
                 return outcome
             if isinstance(outcome.error, AuthError) and outcome.error.status == 401:
-                if await self.tokens.recover(token, tried) is not None:
+                if await self.tokens.recover(token, tried, deadline_s=deadline_s) is not None:
                     logger.info("%s: access token rejected; retrying with a new one", request)
                     continue
                 raise AuthError(
@@ -580,12 +587,26 @@ class IntegrationClient:
                 delay_s = self.backoff.next_delay_s(
                     failures, self._clock() - started_s, self._rng, retry_after_s=outcome.retry_after_s
                 )
+            outcome.error.attempts = attempts
             if delay_s is None:
-                outcome.error.attempts = attempts
                 raise outcome.error
+            last_error = outcome.error
             reason = outcome.error.message
             logger.warning("%s: attempt %d failed (%s); retry in %.2fs", request, attempts, reason, delay_s)
             await self._sleep(delay_s)
+
+    def _out_of_budget(
+        self, request: RequestInfo, attempts: int, last_error: ApiError | None, waiting: str
+    ) -> ApiError:
+        if last_error is not None:
+            return last_error  # what went wrong is what the caller wants to know
+        budget_s = self.backoff.max_total_s
+        return CallBudgetError(
+            f"the call's next request could not start within its {budget_s:g} s budget: "
+            f"it would have waited {waiting}",
+            request=request,
+            attempts=attempts,
+        )
 
     async def _attempt(
         self, request: RequestInfo, token: str, payload: bytes | None, attempts: int
