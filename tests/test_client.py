@@ -37,7 +37,7 @@ from worker.api import wire
 from worker.api.auth import TokenManager
 from worker.api.backoff import Backoff
 from worker.api.client import IntegrationClient, encode_params
-from worker.api.models import ResourceRef, Transaction
+from worker.api.models import RejectedItem, ResourceRef, Transaction
 from worker.api.ratelimit import BucketSpec, RateLimits
 from worker.errors import (
     ApiConnectError,
@@ -717,6 +717,20 @@ async def test_iter_transactions_of_nothing_makes_one_request(
     assert len(api.api_requests) == 1
 
 
+async def test_iter_transactions_hands_unreadable_items_to_on_rejected(
+    api: FakeApi, client: IntegrationClient
+) -> None:
+    items = [transaction_doc() for _ in range(5)]
+    del items[2]["attributes"]["processName"]
+    api.default("transactions/query", paged(items))
+    rejected: list[RejectedItem] = []
+    got = [tx.id async for tx in client.iter_transactions(per_page=2, on_rejected=rejected.append)]
+    assert [str(i) for i in got] == [item["id"] for i, item in enumerate(items) if i != 2]
+    assert [(r.id, r.index) for r in rejected] == [(items[2]["id"], 0)]
+    # The rejected item still counts toward the page: page 2 was full, so page 3 was asked for.
+    assert [r.query["page"] for r in api.api_requests] == ["1", "2", "3"]
+
+
 # -- client-side rate limiting ----------------------------------------------------------
 
 
@@ -856,6 +870,7 @@ async def test_from_settings_reads_every_setting(api: FakeApi, clock: FakeClock)
         api_retry_cap_s=9.0,
         api_retry_max_total_s=99.0,
         api_format="transit",
+        api_page_cap=77,
     )
     c = IntegrationClient.from_settings(settings, clock=clock, sleep=clock.sleep)
     try:
@@ -865,6 +880,7 @@ async def test_from_settings_reads_every_setting(api: FakeApi, clock: FakeClock)
         assert c._timeout.total == 12.0 and c._timeout.sock_connect == 3.0
         assert c._queries is not None and c._queries.spec.initial == 100
         assert c.tokens.client_id == "from-settings"
+        assert c.page_cap == 77
         assert "hidden" not in repr(c)
         session = c._get_session()
         assert session.connector is not None and session.connector.limit == 4

@@ -13,6 +13,7 @@ errors from libraries (aiohttp, pydantic, transit) are wrapped at the boundary w
      │    │    └── ApiTimeoutError   no answer in time
      │    ├── CommandOutcomeUnknownError  a command was sent; whether it took effect is unknown
      │    ├── CallBudgetError        the call's budget ran out before its next request could start
+     │    ├── PagingLimitError       a walk over a query cannot reach every item it matches
      │    ├── DecodeError            an answer arrived but its body is unusable
      │    │    └── ResourceError     a resource lacks a field we require
      │    └── HTTPStatusError        a non-2xx answer (after retries where they apply)
@@ -52,6 +53,7 @@ __all__ = [
     "HandlerError",
     "HandlerStartupError",
     "NotFoundError",
+    "PagingLimitError",
     "PermanentError",
     "RateLimitedError",
     "RequestInfo",
@@ -189,6 +191,14 @@ class CallBudgetError(ApiError):
     The client-side rate limit or a token renewal would have kept the first request
     waiting past it. Nothing was sent; it is transient. (Once a request was sent
     and failed, running out of budget raises that failure instead.)
+    """
+
+
+class PagingLimitError(ApiError):
+    """A query matches more items than paging reaches, and the walk cannot go on.
+
+    Raised rather than stopping short: a walk that ended silently at the API's page
+    cap would lose data without anybody knowing.
     """
 
 

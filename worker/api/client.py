@@ -45,13 +45,12 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self, TypedDict, TypeVar, Unpack, overload
-from uuid import UUID
+from typing import Any, Literal, Protocol, Self, TypeVar, Unpack, overload
 
 import aiohttp
 from pydantic import SecretStr
@@ -64,6 +63,7 @@ from worker.api.models import (
     Listing,
     Marketplace,
     Page,
+    RejectedItem,
     Resource,
     ResourceRef,
     Transaction,
@@ -72,7 +72,17 @@ from worker.api.models import (
     parse_error_details,
     parse_page,
 )
+from worker.api.params import (
+    FieldSets,
+    Id,
+    Names,
+    TransactionFilters,
+    encode_params,
+    shape_params,
+    transaction_query_params,
+)
 from worker.api.ratelimit import RateLimits, TokenBucket, preset
+from worker.api.walk import walk_transactions
 from worker.errors import (
     ApiConnectError,
     ApiError,
@@ -110,9 +120,6 @@ _RETRY_QUERIES = _NOT_DONE | {500, 502, 504}
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=Resource)
-Id = UUID | str
-Names = str | Sequence[str]
-FieldSets = Mapping[str, Sequence[str]]
 
 
 class ClientSettings(Protocol):
@@ -142,105 +149,8 @@ class ClientSettings(Protocol):
     def api_retry_max_total_s(self) -> float: ...
     @property
     def api_format(self) -> Literal["json", "transit"]: ...
-
-
-class TransactionFilters(TypedDict, total=False):
-    """Filters and shaping of ``transactions/query``.
-
-    ``sort`` keys follow Sharetribe's convention: a bare key sorts newest first, a
-    ``-`` prefix oldest first (``"lastTransitionedAt"`` = most recently transitioned).
-    """
-
-    created_at_start: datetime
-    created_at_end: datetime
-    customer_id: Id
-    provider_id: Id
-    listing_id: Id
-    last_transitions: Names
-    process_names: Names
-    states: Names
-    booking_start: datetime
-    booking_end: datetime
-    has_booking: bool
-    has_payin: bool
-    has_message: bool
-    sort: Names
-    include: Names
-    fields: FieldSets
-
-
-_TRANSACTION_FILTER_NAMES: Mapping[str, str] = {
-    "created_at_start": "createdAtStart",
-    "created_at_end": "createdAtEnd",
-    "customer_id": "customerId",
-    "provider_id": "providerId",
-    "listing_id": "listingId",
-    "last_transitions": "lastTransitions",
-    "process_names": "processNames",
-    "states": "states",
-    "booking_start": "bookingStart",
-    "booking_end": "bookingEnd",
-    "has_booking": "hasBooking",
-    "has_payin": "hasPayin",
-    "has_message": "hasMessage",
-    "sort": "sort",
-}
-
-
-def _encode_value(value: object) -> str | None:
-    # bool before int: bool is an int, and the API wants "true", not "True" or "1".
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, datetime):
-        return wire.format_time(value)
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list | tuple | set | frozenset):
-        items = [_encode_value(v) for v in value if v is not None]
-        # Sets have no order; sorting keeps URLs (and caches, logs, tests) stable.
-        parts = [p for p in items if p is not None]
-        return ",".join(sorted(parts) if isinstance(value, set | frozenset) else parts)
-    raise TypeError(f"cannot encode {type(value).__name__} as a query parameter")
-
-
-def encode_params(params: Mapping[str, object]) -> dict[str, str]:
-    """Query parameters as the API reads them.
-
-    Sequences are comma-joined, datetimes ISO 8601 UTC with milliseconds, UUIDs as
-    strings, booleans ``true``/``false``; ``None`` values and empty sequences are left out.
-    """
-    out: dict[str, str] = {}
-    for name, value in params.items():
-        if value is None or (isinstance(value, list | tuple | set | frozenset) and not value):
-            continue
-        encoded = _encode_value(value)
-        if encoded is not None:
-            out[name] = encoded
-    return out
-
-
-def transaction_query_params(filters: TransactionFilters) -> dict[str, object]:
-    """The ``transactions/query`` parameters (wire names, unencoded) for ``filters``."""
-    params: dict[str, object] = {}
-    for name, value in filters.items():
-        wire_name = _TRANSACTION_FILTER_NAMES.get(name)
-        if wire_name is not None:
-            params[wire_name] = value
-    params.update(_shape(filters.get("include"), filters.get("fields")))
-    return params
-
-
-def _shape(include: Names | None, fields: FieldSets | None) -> dict[str, object]:
-    params: dict[str, object] = {"include": include}
-    for resource_type, names in (fields or {}).items():
-        params[f"fields.{resource_type}"] = names
-    return params
+    @property
+    def api_page_cap(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -283,6 +193,7 @@ class IntegrationClient:
         connect_timeout_s: float = 10.0,
         max_connections: int = MAX_CONNECTIONS,
         backoff: Backoff | None = None,
+        page_cap: int = 10_000,
         session: aiohttp.ClientSession | None = None,
         accept: str = wire.JSON_MIME,
         clock: Callable[[], float] = time.monotonic,
@@ -300,9 +211,13 @@ class IntegrationClient:
             raise ConfigError(f"accept must be {wire.JSON_MIME} or {wire.TRANSIT_MIME}, got {accept!r}")
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if page_cap < 1:
+            raise ConfigError(f"page_cap must be at least 1, got {page_cap}")
         self.base_url = base_url.rstrip("/")
         self.accept = accept
         self.backoff = backoff or Backoff()
+        #: items one query can reach by paging (the API's cap on deep paging).
+        self.page_cap = page_cap
         self._max_connections = max_connections
         # total bounds one attempt end to end; sock_connect keeps a dead host from eating all of it.
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
@@ -345,6 +260,7 @@ class IntegrationClient:
                 max_total_s=settings.api_retry_max_total_s,
             ),
             "accept": wire.TRANSIT_MIME if settings.api_format == "transit" else wire.JSON_MIME,
+            "page_cap": settings.api_page_cap,
         }
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -401,21 +317,21 @@ class IntegrationClient:
         self, id: Id, *, include: Names | None = None, fields: FieldSets | None = None
     ) -> User:
         """One user, with ``email`` and full profile data."""
-        params = {"id": id, **_shape(include, fields)}
+        params = {"id": id, **shape_params(include, fields)}
         return self._one(User, await self._call("GET", "users/show", params, None))
 
     async def listings_show(
         self, id: Id, *, include: Names | None = None, fields: FieldSets | None = None
     ) -> Listing:
         """One listing."""
-        params = {"id": id, **_shape(include, fields)}
+        params = {"id": id, **shape_params(include, fields)}
         return self._one(Listing, await self._call("GET", "listings/show", params, None))
 
     async def transactions_show(
         self, id: Id, *, include: Names | None = None, fields: FieldSets | None = None
     ) -> Transaction:
         """One transaction; ``include=("customer", "provider", "listing")`` resolves them."""
-        params = {"id": id, **_shape(include, fields)}
+        params = {"id": id, **shape_params(include, fields)}
         return self._one(Transaction, await self._call("GET", "transactions/show", params, None))
 
     async def transactions_query(
@@ -431,26 +347,24 @@ class IntegrationClient:
         answer = await self._call("GET", "transactions/query", params, None)
         return self._page(Transaction, answer)
 
-    async def iter_transactions(
-        self, *, per_page: int = 100, **filters: Unpack[TransactionFilters]
+    def iter_transactions(
+        self,
+        *,
+        per_page: int = 100,
+        on_rejected: Callable[[RejectedItem], None] | None = None,
+        **filters: Unpack[TransactionFilters],
     ) -> AsyncIterator[Transaction]:
-        """Every transaction matching ``filters``, page after page.
+        """Every transaction matching ``filters``, each once, in the order asked.
 
-        Stops after a short page or at ``totalPages``. Deep paging is capped by the
-        API (reportedly 10,000 items), and pages shift while transactions change:
-        narrow the window with ``created_at_*`` rather than paging far.
+        Past the page cap (:attr:`page_cap`) a walk sorted by ``createdAt`` goes on by
+        ``createdAt`` windows; any other sort raises
+        :class:`~worker.errors.PagingLimitError` there (see
+        :func:`worker.api.walk.walk_transactions`). Items that cannot be read go to
+        ``on_rejected`` (default: logged).
         """
-        page = 1
-        while True:
-            result = await self.transactions_query(page=page, per_page=per_page, **filters)
-            for transaction in result.data:
-                yield transaction
-            total_pages = result.meta.total_pages
-            # The server's page size wins: a server that caps perPage must not end the walk early.
-            page_size = result.meta.per_page or per_page
-            if len(result.data) < page_size or (total_pages is not None and page >= total_pages):
-                return
-            page += 1
+        return walk_transactions(
+            self, filters, per_page=per_page, page_cap=self.page_cap, on_rejected=on_rejected
+        )
 
     async def events_query(
         self,
