@@ -17,6 +17,7 @@ from tests.fakes import (
     FakeClock,
     error_response,
     json_response,
+    raw_response,
     token_error,
     token_ok,
     transaction_doc,
@@ -24,7 +25,7 @@ from tests.fakes import (
 from worker.api.auth import Grant, TokenManager
 from worker.api.backoff import Backoff
 from worker.api.client import IntegrationClient
-from worker.errors import AuthError, ServerError
+from worker.errors import AuthError, NotFoundError, ServerError
 
 SECRET = "s3cr3t-do-not-leak"
 OK_DOC = {"data": {"id": "0b0e6a55-9c62-4b55-8f7e-1d2a33b8e001", "type": "marketplace", "attributes": {}}}
@@ -117,7 +118,11 @@ async def test_token_is_renewed_ahead_of_expiry_with_the_refresh_token(
     # Lifetime 300 s: the margin is min(30 s, 10%) = 30 s, so renewal happens after 270 s.
     clock.advance(269)
     assert await tokens.access_token() == "first"
+    assert len(api.token_requests) == 1
     clock.advance(2)
+    # Still valid: handed out while the renewal runs in the background.
+    assert await tokens.access_token() == "first"
+    await tokens.idle()
     assert await tokens.access_token() == "second"
     assert grants(api) == ["client_credentials", "refresh_token"]
     assert api.token_requests[1].form == {
@@ -136,7 +141,10 @@ async def test_short_lived_tokens_renew_at_ten_percent(
     await tokens.access_token()
     clock.advance(89)
     assert await tokens.access_token() == "first"
+    assert len(api.token_requests) == 1
     clock.advance(2)
+    assert await tokens.access_token() == "first"
+    await tokens.idle()
     assert await tokens.access_token() == "second"
     # No refresh token was given, so renewal used client credentials.
     assert grants(api) == ["client_credentials", "client_credentials"]
@@ -309,3 +317,115 @@ async def test_secret_never_in_reprs(api: FakeApi, session: aiohttp.ClientSessio
     assert SECRET not in repr(tokens)
     assert "tok-1" not in repr(tokens._token)
     assert "cid" in repr(tokens)
+
+
+async def test_a_408_from_the_token_endpoint_is_a_blip_not_a_refusal(
+    api: FakeApi, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    timeout = error_response(408, "request-timeout", "Request timeout")
+    api.script(
+        TOKEN_PATH,
+        timeout,
+        token_ok("first", refresh="r1", expires_in=60),
+        timeout,
+        token_ok("second", refresh="r2", expires_in=60),
+    )
+    tokens = manager(api, session, clock)
+    assert await tokens.access_token() == "first"
+    clock.advance(120)
+    # The refresh token survived the 408 and was offered again.
+    assert await tokens.access_token() == "second"
+    assert grants(api) == ["client_credentials", "client_credentials", "refresh_token", "refresh_token"]
+    assert api.token_requests[3].form["refresh_token"] == "r1"
+    assert len(clock.sleeps) == 2
+
+
+async def test_a_truncated_token_answer_is_asked_again(
+    api: FakeApi, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    # No Content-Length and the connection closed: the body simply ends early.
+    cut = raw_response(b'{"access_token": "tok-cut", "expires_in": 36')
+    api.script(TOKEN_PATH, cut, token_ok("first", refresh="r1", expires_in=60), cut, token_ok("second"))
+    tokens = manager(api, session, clock)
+    assert await tokens.access_token() == "first"
+    clock.advance(120)
+    assert await tokens.access_token() == "second"
+    assert grants(api) == ["client_credentials", "client_credentials", "refresh_token", "refresh_token"]
+
+
+async def test_a_token_endpoint_that_is_not_there_is_not_retried(
+    api: FakeApi, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    api.default(TOKEN_PATH, error_response(404, "not-found", "Not found"))
+    tokens = manager(api, session, clock)
+    with pytest.raises(NotFoundError):
+        await tokens.access_token()
+    assert len(api.token_requests) == 1
+
+
+DOWN = error_response(503, "unavailable", "Service unavailable")
+
+
+async def test_a_token_endpoint_blip_before_expiry_costs_no_call(api: FakeApi, clock: FakeClock) -> None:
+    api.script(TOKEN_PATH, token_ok("first", refresh="r1", expires_in=300))
+    api.default(TOKEN_PATH, DOWN)
+    api.default("marketplace/show", json_response(OK_DOC))
+    async with client(api, clock) as c:
+        await c.marketplace_show()
+        clock.advance(271)  # past the renewal point (270 s), 29 s before expiry
+        results = await asyncio.gather(*(c.marketplace_show() for _ in range(20)), return_exceptions=True)
+        assert [r for r in results if isinstance(r, Exception)] == []
+        await c.tokens.idle()
+        # The failed renewal is not tried again on every call while the token lasts.
+        await asyncio.gather(*(c.marketplace_show() for _ in range(20)))
+    assert {r.token for r in api.api_requests} == {"first"}
+    # One renewal, in the background, with its own retries: not one per call.
+    assert grants(api) == ["client_credentials"] + ["refresh_token"] * 3
+
+
+async def test_callers_of_an_expired_token_share_one_renewal_and_its_outcome(
+    api: FakeApi, clock: FakeClock
+) -> None:
+    api.script(TOKEN_PATH, token_ok("first", expires_in=60), DOWN, DOWN, token_ok("second", expires_in=60))
+    api.default("marketplace/show", json_response(OK_DOC))
+    async with client(api, clock) as c:
+        await c.marketplace_show()
+        clock.advance(61)
+        await asyncio.gather(*(c.marketplace_show() for _ in range(20)))
+        assert len(api.token_requests) == 4  # the first token, then one renewal: two blips and a token
+        assert {r.token for r in api.api_requests[1:]} == {"second"}
+        api.default(TOKEN_PATH, DOWN)
+        clock.advance(61)
+        results = await asyncio.gather(*(c.marketplace_show() for _ in range(20)), return_exceptions=True)
+    assert all(isinstance(r, ServerError) for r in results)
+    assert len({id(r) for r in results}) == 1  # the one renewal's failure, handed to every caller
+    assert len(api.token_requests) == 4 + 3  # one renewal's three attempts, not twenty renewals
+    assert len(api.api_requests) == 21
+
+
+async def test_a_waiter_stops_at_its_deadline_while_the_renewal_goes_on(
+    api: FakeApi, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    api.default(TOKEN_PATH, DOWN)
+    tokens = TokenManager(
+        client_id="cid",
+        client_secret=SECRET,
+        base_url=api.url,
+        session=session,
+        backoff=Backoff(base_s=0.5, cap_s=1.0, max_attempts=6, max_total_s=100),
+        clock=clock,
+        sleep=clock.sleep,
+        rng=random.Random(3),
+    )
+    start_s = clock()
+    hurried = asyncio.create_task(tokens.access_token(deadline_s=start_s + 1.5))
+    patient = asyncio.create_task(tokens.access_token())
+    with pytest.raises(ServerError) as early:
+        await hurried
+    # Handed the failure of the attempt after which the next wait would pass its deadline.
+    waited_s = sum(clock.sleeps[: early.value.attempts - 1])
+    assert waited_s <= 1.5 < waited_s + clock.sleeps[early.value.attempts - 1]
+    with pytest.raises(ServerError) as late:
+        await patient
+    assert late.value.attempts == 6 > early.value.attempts
+    assert len(api.token_requests) == 6  # one renewal for both

@@ -9,6 +9,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from email.utils import format_datetime
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +20,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from tests.fakes import (
+    TOKEN_PATH,
     FakeApi,
     FakeClock,
     Responder,
@@ -35,12 +37,14 @@ from worker.api import wire
 from worker.api.auth import TokenManager
 from worker.api.backoff import Backoff
 from worker.api.client import IntegrationClient, encode_params
-from worker.api.models import ResourceRef, Transaction
+from worker.api.models import RejectedItem, ResourceRef, Transaction
 from worker.api.ratelimit import BucketSpec, RateLimits
 from worker.errors import (
     ApiConnectError,
     ApiTimeoutError,
     BadRequestError,
+    CallBudgetError,
+    CommandOutcomeUnknownError,
     ConfigError,
     DecodeError,
     NotFoundError,
@@ -64,6 +68,12 @@ def make_client(api: FakeApi, clock: FakeClock, **overrides: Any) -> Integration
     }
     kwargs.update(overrides)
     return IntegrationClient("cid", "secret", **kwargs)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
 
 
 @pytest.fixture
@@ -180,6 +190,24 @@ async def test_show_resolves_included_resources(api: FakeApi, client: Integratio
     assert api.api_requests[0].query == {"id": str(TX_ID), "include": "customer"}
 
 
+async def test_show_leaves_gone_related_resources_absent(api: FakeApi, client: IntegrationClient) -> None:
+    deleted = {
+        "id": str(USER_ID),
+        "type": "user",
+        "attributes": {"deleted": True, "banned": False, "createdAt": None, "profile": None},
+    }
+    doc = transaction_doc(TX_ID)
+    doc["relationships"] = {
+        "customer": {"data": {"id": str(USER_ID), "type": "user"}},
+        "provider": {"data": {"id": str(uuid.uuid4()), "type": "user"}},  # not in included: gone
+        "listing": {"data": None},
+    }
+    api.default("transactions/show", json_response({"data": doc, "included": [deleted]}))
+    tx = await client.transactions_show(TX_ID, include=["customer", "provider", "listing"])
+    assert tx.customer is not None and tx.customer.attributes.deleted
+    assert tx.provider is None and tx.listing is None
+
+
 async def test_events_query_parameters(api: FakeApi, client: IntegrationClient) -> None:
     api.default("events/query", json_response({"data": [event_doc(8), event_doc(9)]}))
     page = await client.events_query(
@@ -197,6 +225,41 @@ async def test_events_query_parameters(api: FakeApi, client: IntegrationClient) 
         "resourceId": str(TX_ID),
         "perPage": "100",
     }
+
+
+@pytest.mark.parametrize(
+    ("date", "served_at"),
+    [
+        ("Wed, 01 Jan 2031 12:34:56 GMT", datetime(2031, 1, 1, 12, 34, 56, tzinfo=UTC)),
+        ("Wed, 01 Jan 2031 14:34:56 +0200", datetime(2031, 1, 1, 12, 34, 56, tzinfo=UTC)),
+        ("the day after tomorrow", None),
+    ],
+)
+async def test_pages_carry_the_servers_time(
+    api: FakeApi, client: IntegrationClient, date: str, served_at: datetime | None
+) -> None:
+    page_body = page_doc([transaction_doc(TX_ID)], page=1, per_page=10, total_items=1)
+    api.default("transactions/query", json_response(page_body, headers={"Date": date}))
+    api.default("events/query", json_response({"data": [event_doc(1)]}, headers={"Date": date}))
+    for page in (await client.transactions_query(), await client.events_query()):
+        assert page.served_at == served_at
+        if served_at is not None:
+            assert page.served_at is not None and page.served_at.utcoffset() == timedelta(0)
+
+
+async def test_an_unreadable_item_is_set_aside_and_the_page_returned(
+    api: FakeApi, client: IntegrationClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = event_doc(8)
+    del broken["attributes"]["eventType"]
+    api.default("events/query", json_response({"data": [event_doc(7), broken, event_doc(9)]}))
+    page = await client.events_query(start_after_sequence_id=6)
+    assert [e.attributes.sequence_id for e in page.data] == [7, 9]
+    (rejected,) = page.rejected
+    assert (rejected.index, rejected.id, rejected.sequence_id) == (1, broken["id"], 8)
+    assert "attributes.eventType" in rejected.reason
+    assert page.received == 3
+    assert "item 1 set aside" in caplog.text
 
 
 async def test_transition_command_sends_json_body(api: FakeApi, client: IntegrationClient) -> None:
@@ -261,13 +324,33 @@ async def test_transient_statuses_are_retried_then_succeed(
     assert 0 <= clock.sleeps[1] <= 1.0
 
 
-@pytest.mark.parametrize("status", [429, 502, 503, 504])
+@pytest.mark.parametrize("status", [408, 429, 503])
 async def test_commands_are_retried_on_statuses_that_mean_not_done(
     api: FakeApi, client: IntegrationClient, status: int
 ) -> None:
     api.script("transactions/transition", error_response(status, "x", "Try later"), tx_answer())
     await client.transactions_transition(TX_ID, "transition/operator-accept")
     assert len(api.api_requests) == 2
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+async def test_commands_are_not_sent_again_when_they_may_have_taken_effect(
+    api: FakeApi, client: IntegrationClient, clock: FakeClock, status: int
+) -> None:
+    # A gateway's 504 after the upstream applied the transition: sending it again would get a 409.
+    api.script(
+        "transactions/transition",
+        raw_response(b"<html>gateway timeout</html>", status, "text/html"),
+        error_response(409, "transaction-invalid-transition", "Invalid transition"),
+    )
+    with pytest.raises(CommandOutcomeUnknownError) as info:
+        await client.transactions_transition(TX_ID, "transition/operator-accept")
+    exc = info.value
+    assert (exc.status, exc.attempts) == (status, 1)
+    assert f"answered {status}" in str(exc) and "not sent again" in str(exc)
+    assert isinstance(exc.__cause__, ServerError)
+    assert len(api.api_requests) == 1
+    assert clock.sleeps == []
 
 
 async def test_retry_after_seconds_is_honoured(
@@ -341,15 +424,6 @@ async def test_500_is_retried_for_queries(api: FakeApi, client: IntegrationClien
     assert len(api.api_requests) == 2
 
 
-async def test_500_is_not_retried_for_commands(api: FakeApi, client: IntegrationClient) -> None:
-    api.script("transactions/transition", raw_response(b"<html>oops</html>", 500, "text/html"), tx_answer())
-    with pytest.raises(ServerError) as info:
-        await client.transactions_transition(TX_ID, "transition/operator-accept")
-    assert info.value.attempts == 1
-    assert info.value.codes == ()  # junk body tolerated
-    assert len(api.api_requests) == 1
-
-
 async def test_dropped_connection_is_retried_for_queries(api: FakeApi, client: IntegrationClient) -> None:
     api.script("transactions/show", drop_connection(), tx_answer())
     tx = await client.transactions_show(TX_ID)
@@ -357,13 +431,18 @@ async def test_dropped_connection_is_retried_for_queries(api: FakeApi, client: I
     assert len(api.api_requests) == 2
 
 
-async def test_dropped_connection_is_not_retried_for_commands(
-    api: FakeApi, client: IntegrationClient
+@pytest.mark.parametrize(
+    "failure",
+    [drop_connection(), truncated_response({"data": transaction_doc(TX_ID)})],
+    ids=["dropped", "truncated"],
+)
+async def test_a_lost_answer_to_a_command_is_an_unknown_outcome(
+    api: FakeApi, client: IntegrationClient, failure: Responder
 ) -> None:
-    api.script("transactions/transition", drop_connection(), tx_answer())
-    with pytest.raises(ApiConnectError) as info:
+    api.script("transactions/transition", failure, tx_answer())
+    with pytest.raises(CommandOutcomeUnknownError) as info:
         await client.transactions_transition(TX_ID, "transition/operator-accept")
-    assert info.value.attempts == 1
+    assert info.value.attempts == 1 and info.value.status is None
     assert isinstance(info.value.__cause__, aiohttp.ClientError)
     assert len(api.api_requests) == 1
 
@@ -419,11 +498,12 @@ async def test_timeouts_are_retried_for_queries_only(api: FakeApi, clock: FakeCl
     async with make_client(api, clock, timeout_s=0.05, backoff=Backoff(max_attempts=2)) as c:
         with pytest.raises(ApiTimeoutError) as query_info:
             await c.transactions_show(TX_ID)
-        with pytest.raises(ApiTimeoutError) as command_info:
+        with pytest.raises(CommandOutcomeUnknownError) as command_info:
             await c.transactions_transition(TX_ID, "transition/operator-accept")
     release.set()
     assert query_info.value.attempts == 2
     assert command_info.value.attempts == 1
+    assert isinstance(command_info.value.__cause__, TimeoutError)
     assert [r.path.rsplit("/", 1)[1] for r in api.api_requests] == ["show", "show", "transition"]
 
 
@@ -494,12 +574,27 @@ async def test_malformed_json_on_200_is_a_decode_error(api: FakeApi, client: Int
     assert isinstance(exc.__cause__, wire.WireFormatError)
 
 
-async def test_malformed_json_after_a_command_is_not_retried(api: FakeApi, client: IntegrationClient) -> None:
-    api.default("transactions/transition", raw_response(b"<html>proxy</html>", 200, "text/html"))
-    with pytest.raises(DecodeError, match="text/html") as info:
+async def test_an_unreadable_2xx_to_a_command_is_not_sent_again(
+    api: FakeApi, client: IntegrationClient
+) -> None:
+    unreadable = transaction_doc(TX_ID)
+    del unreadable["attributes"]["transitions"]
+    api.script(
+        "transactions/transition",
+        raw_response(b"<html>proxy</html>", 200, "text/html"),
+        json_response({"data": unreadable}),
+        json_response({"data": {"id": "not-a-uuid"}}),
+    )
+    with pytest.raises(CommandOutcomeUnknownError, match="text/html") as info:
         await client.transactions_transition(TX_ID, "transition/operator-accept")
-    assert info.value.attempts == 1
-    assert len(api.api_requests) == 1
+    assert info.value.attempts == 1 and info.value.status == 200
+    assert "took effect" in str(info.value)
+    with pytest.raises(CommandOutcomeUnknownError, match=r"attributes\.transitions") as parsed:
+        await client.transactions_transition(TX_ID, "transition/operator-accept")
+    assert isinstance(parsed.value.__cause__, ResourceError)
+    with pytest.raises(CommandOutcomeUnknownError, match="not a resource reference"):
+        await client.transactions_transition(TX_ID, "transition/operator-accept", expand=False)
+    assert len(api.api_requests) == 3
 
 
 async def test_missing_required_field_names_type_id_and_field(
@@ -549,6 +644,20 @@ async def test_transit_answers_are_decoded(api: FakeApi, clock: FakeClock) -> No
     # The id travels as a tagged Transit UUID, keys as keywords.
     assert wire.decode(command.body, wire.TRANSIT_MIME) == {"id": str(TX_ID), "metadata": {"synced": True}}
     assert b"~u" + str(TX_ID).encode() in command.body
+
+
+async def test_metadata_is_sent_as_the_user_wrote_it(api: FakeApi, clock: FakeClock) -> None:
+    metadata = {"type": "vip", "score": Decimal("12345678901234567.891"), "tiers": [{"type": "gold"}]}
+    api.default(
+        "transactions/update_metadata", json_response({"data": {"id": str(TX_ID), "type": "transaction"}})
+    )
+    for accept in (wire.TRANSIT_MIME, wire.JSON_MIME):
+        async with make_client(api, clock, accept=accept) as c:
+            await c.transactions_update_metadata(TX_ID, metadata, expand=False)
+    transit, plain = api.api_requests
+    assert wire.decode(transit.body, wire.TRANSIT_MIME)["metadata"] == metadata
+    assert b"~:vip" not in transit.body and b"~:gold" not in transit.body
+    assert b'"score":12345678901234567.891' in plain.body
 
 
 # -- paging -----------------------------------------------------------------------------
@@ -608,6 +717,20 @@ async def test_iter_transactions_of_nothing_makes_one_request(
     assert len(api.api_requests) == 1
 
 
+async def test_iter_transactions_hands_unreadable_items_to_on_rejected(
+    api: FakeApi, client: IntegrationClient
+) -> None:
+    items = [transaction_doc() for _ in range(5)]
+    del items[2]["attributes"]["processName"]
+    api.default("transactions/query", paged(items))
+    rejected: list[RejectedItem] = []
+    got = [tx.id async for tx in client.iter_transactions(per_page=2, on_rejected=rejected.append)]
+    assert [str(i) for i in got] == [item["id"] for i, item in enumerate(items) if i != 2]
+    assert [(r.id, r.index) for r in rejected] == [(items[2]["id"], 0)]
+    # The rejected item still counts toward the page: page 2 was full, so page 3 was asked for.
+    assert [r.query["page"] for r in api.api_requests] == ["1", "2", "3"]
+
+
 # -- client-side rate limiting ----------------------------------------------------------
 
 
@@ -650,6 +773,74 @@ async def test_every_retry_takes_a_bucket_token(api: FakeApi, clock: FakeClock) 
     assert second == pytest.approx(start_s + 10.0)
 
 
+# -- the call's time budget -------------------------------------------------------------
+
+HALF_SECOND = Backoff(base_s=0.5, cap_s=4.0, max_attempts=4, max_total_s=0.5)
+
+
+async def test_a_bucket_wait_beyond_the_budget_is_not_begun(api: FakeApi, clock: FakeClock) -> None:
+    limits = RateLimits(
+        queries=BucketSpec(initial=1, refill_amount=1, refill_interval_s=3.0, capacity=1),
+        commands=BucketSpec(initial=1, refill_amount=1, refill_interval_s=3.0, capacity=1),
+    )
+    api.default("transactions/update_metadata", tx_answer())
+    async with make_client(api, clock, rate_limits=limits, backoff=HALF_SECOND) as c:
+        await c.transactions_update_metadata(TX_ID, {"n": 1})
+        start_s = clock()
+        with pytest.raises(CallBudgetError, match="client-side rate limit") as info:
+            await c.transactions_update_metadata(TX_ID, {"n": 2})
+        assert clock() - start_s == 0  # the 3 s wait for the bucket was never begun
+        # The token it did not use is still there for the next caller, after its 3 s.
+        clock.advance(3.0)
+        await c.transactions_update_metadata(TX_ID, {"n": 3})
+    assert info.value.attempts == 0
+    assert [json.loads(r.body)["metadata"] for r in api.api_requests] == [{"n": 1}, {"n": 3}]
+
+
+async def test_retries_stop_where_the_bucket_would_wait_past_the_budget(
+    api: FakeApi, clock: FakeClock
+) -> None:
+    limits = RateLimits(
+        queries=BucketSpec(initial=1, refill_amount=1, refill_interval_s=3.0, capacity=1),
+        commands=BucketSpec(initial=1, refill_amount=1, refill_interval_s=3.0, capacity=1),
+    )
+    api.script("transactions/show", error_response(503, "unavailable", "Down"), tx_answer())
+    start_s = clock()
+    async with make_client(api, clock, rate_limits=limits, backoff=HALF_SECOND) as c:
+        with pytest.raises(ServerError) as info:
+            await c.transactions_show(TX_ID)
+    assert info.value.attempts == 1  # the retry would have waited ~3 s for the bucket
+    assert clock() - start_s <= HALF_SECOND.max_total_s
+    assert len(api.api_requests) == 1
+
+
+async def test_a_token_wait_is_cut_at_the_budget(
+    api: FakeApi, clock: FakeClock, session: aiohttp.ClientSession
+) -> None:
+    api.default(TOKEN_PATH, error_response(503, "unavailable", "Down"))
+    async with make_client(
+        api, clock, backoff=Backoff(base_s=0.2, cap_s=0.2, max_attempts=4, max_total_s=0.5)
+    ) as c:
+        # The token manager would try for longer than the call may wait.
+        c.tokens = TokenManager(
+            client_id="cid",
+            client_secret="secret",
+            base_url=api.url,
+            session=session,
+            backoff=Backoff(base_s=0.2, cap_s=0.2, max_attempts=50, max_total_s=100),
+            clock=clock,
+            sleep=clock.sleep,
+            rng=random.Random(1),
+        )
+        with pytest.raises(ServerError) as info:
+            await c.transactions_show(TX_ID)
+        await c.tokens.aclose()
+    assert info.value.attempts < 50  # let go long before the token manager gave up
+    waited_s = sum(clock.sleeps[: info.value.attempts - 1])
+    assert waited_s <= 0.5 < waited_s + clock.sleeps[info.value.attempts - 1]
+    assert api.api_requests == []
+
+
 # -- construction and lifecycle ---------------------------------------------------------
 
 
@@ -679,6 +870,7 @@ async def test_from_settings_reads_every_setting(api: FakeApi, clock: FakeClock)
         api_retry_cap_s=9.0,
         api_retry_max_total_s=99.0,
         api_format="transit",
+        api_page_cap=77,
     )
     c = IntegrationClient.from_settings(settings, clock=clock, sleep=clock.sleep)
     try:
@@ -688,6 +880,7 @@ async def test_from_settings_reads_every_setting(api: FakeApi, clock: FakeClock)
         assert c._timeout.total == 12.0 and c._timeout.sock_connect == 3.0
         assert c._queries is not None and c._queries.spec.initial == 100
         assert c.tokens.client_id == "from-settings"
+        assert c.page_cap == 77
         assert "hidden" not in repr(c)
         session = c._get_session()
         assert session.connector is not None and session.connector.limit == 4

@@ -194,7 +194,7 @@ def sentry_events() -> Iterator[list[dict[str, Any]]]:
         yield captured
     finally:
         sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
+        sentry_sdk.Scope.get_global_scope().set_client(None)  # 2.0 has no top-level get_global_scope()
 
 
 def test_dead_letters_go_to_sentry_without_personal_data(sentry_events: list[dict[str, Any]]) -> None:

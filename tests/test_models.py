@@ -114,10 +114,136 @@ def test_missing_required_field_names_resource() -> None:
     assert str(info.value).startswith(f"transaction {TX_ID}: field 'attributes.lastTransitionedAt'")
 
 
-def test_broken_included_resource_is_named() -> None:
-    broken_user = {"id": CUSTOMER_ID, "type": "user", "attributes": {"email": "x"}}
-    with pytest.raises(ResourceError, match=f"user {CUSTOMER_ID}: field 'attributes.createdAt'"):
-        parse_page(Transaction, {"data": [transaction()], "included": [broken_user]})
+def test_broken_included_resource_is_absent_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    broken_user = {"id": CUSTOMER_ID, "type": "user", "attributes": {"email": "x@example.com", "banned": "?"}}
+    page = parse_page(Transaction, {"data": [transaction()], "included": [broken_user, INCLUDED[1]]})
+    (tx,) = page.data
+    assert page.rejected == []
+    assert tx.customer is None  # unreadable: absent, and the transaction is not lost
+    assert tx.related_id("customer") == UUID(CUSTOMER_ID)
+    assert tx.listing is not None and tx.listing.attributes.title == "Bike"
+    assert f"transaction {TX_ID}: related customer left out: user {CUSTOMER_ID}" in caplog.text
+    assert "x@example.com" not in caplog.text
+
+
+def test_gone_or_broken_relationships_are_absent() -> None:
+    raw = transaction()
+    raw["relationships"] = {
+        "customer": {"data": None},  # the user is gone
+        "provider": {"data": {"id": "not-a-uuid", "type": "user"}},
+        "listing": {"data": {"id": LISTING_ID, "type": "listing"}},  # not in included
+    }
+    tx = parse_document(Transaction, {"data": raw, "included": [INCLUDED[0]]})
+    assert (tx.customer, tx.provider, tx.listing) == (None, None, None)
+    assert tx.related_id("customer") is None and tx.related_id("provider") is None
+    assert tx.related_id("listing") == UUID(LISTING_ID)
+
+
+DELETED_USER = {
+    "id": CUSTOMER_ID,
+    "type": "user",
+    "attributes": {"banned": False, "deleted": True, "createdAt": None, "email": None, "profile": None},
+}
+BANNED_USER = {
+    "id": "9d7a2b47-3a52-4d38-9d3c-0b9fbb9e4d11",
+    "type": "user",
+    "attributes": {
+        "banned": True,
+        "deleted": False,
+        "createdAt": None,
+        "email": None,
+        "profile": {
+            "displayName": None,
+            "abbreviatedName": None,
+            "bio": None,
+            "publicData": None,
+            "protectedData": None,
+            "privateData": None,
+            "metadata": None,
+        },
+    },
+}
+DELETED_LISTING = {
+    "id": LISTING_ID,
+    "type": "listing",
+    "attributes": {
+        "deleted": True,
+        "closed": False,
+        "createdAt": None,
+        "title": None,
+        "description": None,
+        "state": None,
+        "price": None,
+        "geolocation": None,
+        "publicData": None,
+        "privateData": None,
+        "metadata": None,
+    },
+    "relationships": {"author": {"data": None}},
+}
+
+
+def test_deleted_and_banned_users_and_deleted_listings_are_read() -> None:
+    raw = transaction(protectedData=None, metadata=None, lineItems=None)
+    raw["relationships"]["provider"] = {"data": {"id": BANNED_USER["id"], "type": "user"}}
+    page = parse_page(Transaction, {"data": [raw], "included": [DELETED_USER, BANNED_USER, DELETED_LISTING]})
+    assert page.rejected == []
+    (tx,) = page.data
+    assert (tx.attributes.protected_data, tx.attributes.metadata, tx.attributes.line_items) == ({}, {}, [])
+    assert tx.customer is not None and tx.provider is not None and tx.listing is not None
+    deleted = tx.customer.attributes
+    assert deleted.deleted and deleted.created_at is None and deleted.email is None
+    assert deleted.profile.display_name is None and deleted.profile.protected_data == {}
+    banned = tx.provider.attributes
+    assert banned.banned and banned.profile.public_data == {} and banned.profile.metadata == {}
+    listing = tx.listing.attributes
+    assert listing.deleted and listing.created_at is None and listing.public_data == {}
+    assert listing.price is None and tx.listing.author is None
+
+
+def test_one_unreadable_item_does_not_fail_the_page() -> None:
+    missing = transaction()
+    missing["id"] = "5f0e8f80-0000-4000-8000-000000000001"
+    del missing["attributes"]["lastTransition"]
+    personal = transaction()
+    personal["id"] = "5f0e8f80-0000-4000-8000-000000000002"
+    personal["attributes"]["lastTransitionedAt"] = "joe@example.com"
+    body = {"data": [transaction(), missing, "junk", personal, None], "meta": {"totalItems": 5}}
+    page = parse_page(Transaction, body)
+    assert [str(tx.id) for tx in page.data] == [TX_ID]
+    assert page.received == 5
+    first, junk, bad_time, null = page.rejected
+    assert (first.index, first.id, first.type) == (1, missing["id"], "transaction")
+    assert first.reason == f"transaction {missing['id']}: field 'attributes.lastTransition': field required"
+    assert (junk.index, junk.id, junk.type, null.index, null.id) == (2, None, None, 4, None)
+    assert bad_time.index == 3 and "attributes.lastTransitionedAt" in bad_time.reason
+    assert all("joe@example.com" not in item.model_dump_json() for item in page.rejected)
+
+
+def test_an_event_whose_transaction_cannot_be_read_is_rejected_with_its_sequence_id() -> None:
+    def event(sequence_id: int, resource: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": f"11111111-5b81-49a5-aca6-0000000000{sequence_id:02d}",
+            "type": "event",
+            "attributes": {
+                "sequenceId": sequence_id,
+                "createdAt": "2024-03-27T12:30:03.150Z",
+                "eventType": "transaction/transitioned",
+                "resourceId": TX_ID,
+                "resourceType": "transaction",
+                "resource": resource,
+            },
+        }
+
+    broken = transaction()
+    del broken["attributes"]["transitions"]
+    page = parse_page(
+        Event, {"data": [event(41, transaction()), event(42, broken), event(43, transaction())]}
+    )
+    assert [e.attributes.sequence_id for e in page.data] == [41, 43]
+    (rejected,) = page.rejected
+    assert (rejected.index, rejected.sequence_id, rejected.type) == (1, 42, "event")
+    assert "its resource: transaction" in rejected.reason and "attributes.transitions" in rejected.reason
 
 
 @pytest.mark.parametrize(

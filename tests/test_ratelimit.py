@@ -107,3 +107,36 @@ async def test_waiters_are_served_first_come_first_served() -> None:
     await asyncio.gather(big, small, later)
     assert [name for name, _ in served] == ["big", "small", "later"]
     assert [at - start_s for _, at in served] == [pytest.approx(2.0), pytest.approx(3.0), pytest.approx(4.0)]
+
+
+async def test_take_declines_a_wait_that_would_end_too_late() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(
+        BucketSpec(initial=1, refill_amount=1, refill_interval_s=1.0, capacity=1), clock=clock
+    )
+    assert await bucket.take(sleep=clock.sleep, latest_s=clock())
+    # The next token comes in 1 s: not by 0.5 s from now, so nothing is taken and nobody waits.
+    assert not await bucket.take(sleep=clock.sleep, latest_s=clock() + 0.5)
+    assert clock.sleeps == []
+    assert bucket.tokens == 0
+    assert await bucket.take(sleep=clock.sleep, latest_s=clock() + 1.0)
+    assert clock.sleeps == [pytest.approx(1.0)]
+
+
+async def test_a_taker_that_gives_up_waiting_gives_its_tokens_back() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(
+        BucketSpec(initial=0, refill_amount=1, refill_interval_s=1.0, capacity=5), clock=clock
+    )
+    never = asyncio.Event()
+
+    async def stuck(delay_s: float) -> None:
+        await never.wait()
+
+    waiting = asyncio.create_task(bucket.take(2, sleep=stuck))
+    await asyncio.sleep(0)
+    assert bucket.tokens == -2  # reserved ahead
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert bucket.tokens == 0

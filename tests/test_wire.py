@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from transit.reader import Reader
+from transit.transit_types import Keyword
 
 from worker.api.wire import (
     JSON_MIME,
@@ -92,3 +97,84 @@ def test_time_format_is_utc_milliseconds() -> None:
 def test_malformed_bodies_raise_our_error(body: bytes, mime: str) -> None:
     with pytest.raises(WireFormatError, match="malformed"):
         decode(body, mime)
+
+
+def keyword_values(body: bytes) -> list[str]:
+    """Every keyword a Transit body holds as a value (map keys are keywords anyway)."""
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, Mapping):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list | tuple):
+            for value in node:
+                walk(value)
+        elif isinstance(node, Keyword):
+            found.append(str(node))
+
+    walk(Reader("json").read(io.StringIO(body.decode())))
+    return found
+
+
+def test_transit_decimals_stay_exact() -> None:
+    body = b'["^ ","~:quantity","~f12345678901234567.891","~:units",["~f0.1","~f-2E+3"]]'
+    decoded = decode(body, TRANSIT_MIME)
+    assert decoded == {
+        "quantity": Decimal("12345678901234567.891"),
+        "units": [Decimal("0.1"), Decimal("-2E+3")],
+    }
+    assert all(isinstance(v, Decimal) for v in [decoded["quantity"], *decoded["units"]])
+
+
+def test_decimals_are_encoded_exactly_in_both_formats() -> None:
+    tree = {"id": uuid.UUID(int=1), "metadata": {"price": Decimal("12345678901234567.891"), "n": 1.5}}
+    assert encode(tree, JSON_MIME) == (
+        b'{"id":"00000000-0000-0000-0000-000000000001","metadata":{"price":12345678901234567.891,"n":1.5}}'
+    )
+    transit = encode(tree, TRANSIT_MIME)
+    assert b'"~f12345678901234567.891"' in transit
+    assert decode(transit, TRANSIT_MIME)["metadata"]["price"] == Decimal("12345678901234567.891")
+    with pytest.raises(TypeError, match="decimal"):
+        encode({"x": Decimal("NaN")}, JSON_MIME)
+
+
+def test_only_resource_types_become_keywords() -> None:
+    user_id = uuid.UUID("3c073fae-6172-4e75-8b92-f560d58cd47c")
+    tx_id = uuid.UUID("6a177221-247e-42a9-9cca-403238b86d7c")
+    document = {
+        "data": {
+            "id": tx_id,
+            "type": "transaction",
+            "attributes": {"metadata": {"type": "vip", "tags": [{"type": "gold"}]}},
+            "relationships": {"customer": {"data": {"id": user_id, "type": "user"}}},
+        },
+        "included": [
+            {"id": user_id, "type": "user", "attributes": {"profile": {"publicData": {"type": "pro"}}}}
+        ],
+    }
+    body = encode(document, TRANSIT_MIME)
+    # The resource types, and nothing the user wrote.
+    assert sorted(keyword_values(body)) == ["transaction", "user", "user"]
+    assert decode(body, TRANSIT_MIME) == decode(encode(document), JSON_MIME)
+    # A command body is all user data: nothing in it is a resource type.
+    command = encode({"id": tx_id, "metadata": {"type": "vip"}}, TRANSIT_MIME)
+    assert keyword_values(command) == []
+    assert b'"~:type","vip"' in command
+
+
+def test_an_events_resource_is_a_resource() -> None:
+    event = {
+        "data": [
+            {
+                "id": uuid.UUID(int=7),
+                "type": "event",
+                "attributes": {
+                    "resourceType": "transaction",
+                    "resource": {"id": uuid.UUID(int=8), "type": "transaction", "attributes": {}},
+                    "previousValues": {"attributes": {"metadata": {"type": "old"}}},
+                },
+            }
+        ]
+    }
+    assert sorted(keyword_values(encode(event, TRANSIT_MIME))) == ["event", "transaction"]

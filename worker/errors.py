@@ -15,6 +15,9 @@ errors from libraries (aiohttp, pydantic, transit) are wrapped at the boundary w
      │    ├── TransportError         no usable HTTP answer (after retries)
      │    │    ├── ApiConnectError   connection refused, reset or dropped
      │    │    └── ApiTimeoutError   no answer in time
+     │    ├── CommandOutcomeUnknownError  a command was sent; whether it took effect is unknown
+     │    ├── CallBudgetError        the call's budget ran out before its next request could start
+     │    ├── PagingLimitError       a walk over a query cannot reach every item it matches
      │    ├── DecodeError            an answer arrived but its body is unusable
      │    │    └── ResourceError     a resource lacks a field we require
      │    └── HTTPStatusError        a non-2xx answer (after retries where they apply)
@@ -45,6 +48,8 @@ __all__ = [
     "ApiTimeoutError",
     "AuthError",
     "BadRequestError",
+    "CallBudgetError",
+    "CommandOutcomeUnknownError",
     "ConfigError",
     "CursorChangedError",
     "DecodeError",
@@ -55,6 +60,7 @@ __all__ = [
     "LeaseHeldError",
     "LeaseLostError",
     "NotFoundError",
+    "PagingLimitError",
     "PermanentError",
     "PollError",
     "RateLimitedError",
@@ -176,6 +182,48 @@ class ApiConnectError(TransportError):
 
 class ApiTimeoutError(TransportError):
     """The API did not answer within the configured timeout."""
+
+
+class CommandOutcomeUnknownError(ApiError):
+    """A command left, and nobody can tell whether it took effect.
+
+    A gateway answered 502 or 504 (the upstream may have applied it), the API
+    answered 500, the connection broke after the request was sent, no answer came
+    in time, or a 2xx answer could not be read (then it did take effect). Sending
+    it again could apply it twice, or turn an applied transition into a 409, so
+    the client never does. Inside :meth:`~worker.plugin.HandlerContext.step` the
+    step is left *uncertain*: the next attempt asks ``if_uncertain``. Anywhere
+    else it is a transient failure like any other. ``status`` is the HTTP status
+    when there was one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        request: RequestInfo | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message, request=request, attempts=attempts)
+        self.status = status
+
+
+class CallBudgetError(ApiError):
+    """No request could start within the call's time budget (``api_retry_max_total_s``).
+
+    The client-side rate limit or a token renewal would have kept the first request
+    waiting past it. Nothing was sent; it is transient. (Once a request was sent
+    and failed, running out of budget raises that failure instead.)
+    """
+
+
+class PagingLimitError(ApiError):
+    """A query matches more items than paging reaches, and the walk cannot go on.
+
+    Raised rather than stopping short: a walk that ended silently at the API's page
+    cap would lose data without anybody knowing.
+    """
 
 
 class DecodeError(ApiError):

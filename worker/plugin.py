@@ -85,9 +85,19 @@ What happens when ``handle`` raises:
   :class:`RetryPolicy`): network errors (``aiohttp.ClientError``, ``OSError``),
   timeouts (the handler's own ``timeout_s`` included), ``aiohttp.ClientResponseError``
   with status 429 or 5xx (``Retry-After`` honoured), flexworker's
-  ``TransportError``/``RateLimitedError``/``ServerError``, :class:`RetryLater`
-  (waits at least ``after_s``), and any other unexpected exception: a bug may be a
-  flaky dependency. When ``max_attempts`` are used up the event is dead-lettered.
+  ``TransportError``/``RateLimitedError``/``ServerError``/``CallBudgetError``/
+  ``CommandOutcomeUnknownError``, :class:`RetryLater` (waits at least ``after_s``),
+  and any other unexpected exception: a bug may be a flaky dependency. When
+  ``max_attempts`` are used up the event is dead-lettered.
+- **Uncertain**: ``ctx.client``'s commands (``transactions_transition``,
+  ``transactions_update_metadata``, ``post``) raise ``CommandOutcomeUnknownError``
+  when the command may have taken effect but no answer says so (a gateway's 502 or
+  504, a 500, a connection lost after sending, a read timeout); the client never
+  sends such a command again. Raised inside :meth:`HandlerContext.step` (or raised
+  *from* one, ``raise X from exc``) it leaves the step uncertain: the next attempt
+  calls ``if_uncertain``, or dead-letters with :class:`StepUncertainError` without
+  one. So call commands inside a step, with an ``if_uncertain`` that looks at the
+  transaction (``ctx.client.transactions_show``) to see whether the change is there.
 - **Permanent, dead-lettered at once**: :class:`PermanentError`,
   ``pydantic.ValidationError``, :class:`StepUncertainError`, and other 4xx answers
   (``aiohttp.ClientResponseError``, flexworker's ``HTTPStatusError``).
@@ -297,10 +307,12 @@ class HandlerContext:
         If ``fn`` raises, nothing is stored and a retry calls it again (pass
         :meth:`idempotency_key` to the remote side so a repeat is harmless). If an
         attempt ends while ``fn`` runs (the worker dies, the handler's timeout cancels
-        it) the step is *uncertain*: the next attempt calls ``if_uncertain()``, which
-        returns the result if the side effect did happen, or None if it did not (then
-        ``fn`` runs). Without ``if_uncertain`` it raises :class:`StepUncertainError`
-        and the event is dead-lettered for a person to decide.
+        it), or ``fn`` raises :class:`~worker.errors.CommandOutcomeUnknownError` (or
+        an exception raised from one), the step is *uncertain*: the next attempt
+        calls ``if_uncertain()``, which returns the result if the side effect did
+        happen, or None if it did not (then ``fn`` runs). Without ``if_uncertain`` it
+        raises :class:`StepUncertainError` and the event is dead-lettered for a
+        person to decide.
         """
         return cast(T, await self.steps.run(name, fn, if_uncertain))
 

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     api_retry_base_s: float = Field(default=0.5, gt=0, description="First backoff step.")
     api_retry_cap_s: float = Field(default=30.0, gt=0, description="Longest single backoff.")
     api_retry_max_total_s: float = Field(
-        default=120.0, gt=0, description="Time budget for one call's retries."
+        default=120.0, gt=0, description="Time budget of one call: rate-limit, token and retry waits."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
 

@@ -6,8 +6,10 @@ the fan-out does, waits until the delivery settles and reports how: done, a no-o
 (already done), dead-lettered, or not subscribed at all. Everything is real —
 claims, attempts, backoff, ``ctx.step`` records, the dead-letter queue — except
 that the backoff waits are shortened to ``backoff_s`` (``RetryLater`` still waits
-as long as it asks). Calls share the Redis, so delivering the same event twice
-shows the idempotency::
+as long as it asks). ``ctx.client`` talks to ``sharetribe_api_base_url``, so a test
+whose handler calls the API points it at a simulator or a local server with
+:meth:`Deliver.with_settings`. Calls share the Redis, so delivering the same event
+twice shows the idempotency::
 
     async def test_posts_once(deliver: Deliver) -> None:
         event = make_event("transition/confirm-payment")
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -63,19 +66,38 @@ class Deliver:
         namespace: str = "plugin-test",
         backoff_s: float = 0.01,
         timeout_s: float = 60.0,
+        **settings: Any,
     ) -> None:
-        self.settings = Settings(
-            sharetribe_client_id="plugin-test",
-            sharetribe_client_secret="plugin-test",  # noqa: S106  (no API is called with it)
-            redis_url=redis_url,
-            namespace=namespace,
-            handlers=[],
-            _env_file=None,
-            _secrets_dir=None,
-        )
+        """``settings`` are flexworker settings by field name (``sharetribe_api_base_url=...``)."""
+        values: dict[str, Any] = {
+            "sharetribe_client_id": "plugin-test",
+            "sharetribe_client_secret": "plugin-test",  # no API is called with it unless a test says so
+            "handlers": [],
+            **settings,
+            "redis_url": redis_url,
+            "namespace": namespace,
+        }
+        self.settings = Settings(_env_file=None, _secrets_dir=None, **values)
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
-        self._runs = 0
+        self._given = settings
+        self._runs = itertools.count(1)
+
+    def with_settings(self, **settings: Any) -> Deliver:
+        """The same deliverer (same Redis, same namespace) with some settings changed.
+
+        For a handler that uses ``ctx.client``: point it at a simulator or a local
+        server with ``sharetribe_api_base_url``, and turn ``rate_limit`` off.
+        """
+        other = Deliver(
+            self.settings.redis_url,
+            namespace=self.settings.namespace,
+            backoff_s=self.backoff_s,
+            timeout_s=self.timeout_s,
+            **{**self._given, **settings},
+        )
+        other._runs = self._runs  # job ids stay unique across both
+        return other
 
     def _loaded(self, handler: Any, handler_settings: Any) -> LoadedHandler:
         if isinstance(handler, HandlerSpec) and handler_settings is not None:
@@ -100,7 +122,7 @@ class Deliver:
             return DeliveryOutcome("not_subscribed")
         name = loaded.name
         keys = Keys(self.settings.redis_prefix)
-        self._runs += 1
+        run = next(self._runs)
         pool = await create_pool(RedisSettings.from_dsn(self.settings.redis_url))
         try:
             before = await _counters(pool, keys, name)
@@ -110,7 +132,7 @@ class Deliver:
                 await Ordering(pool, keys, queue_name=self.settings.queue_name).enqueue(
                     [
                         QueuedJob(
-                            job_id=f"{handler_job_id(event.key, name)}:trial-{self._runs}",
+                            job_id=f"{handler_job_id(event.key, name)}:trial-{run}",
                             function=HANDLER_JOB_FUNCTION,
                             args=(name, event.model_dump(mode="json")),
                             pending_key=keys.pending(name, event.transaction_id),

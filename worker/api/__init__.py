@@ -1,6 +1,8 @@
 """Talking to the Sharetribe Integration API: the first room data passes through.
 
 - :mod:`~worker.api.client` — :class:`IntegrationClient`, every call the product makes, paced and retried
+- :mod:`~worker.api.params` — query parameters: :class:`TransactionFilters` and their encoding
+- :mod:`~worker.api.walk` — a transactions query walked to its end, past the API's page cap
 - :mod:`~worker.api.auth` — :class:`TokenManager`: access tokens cached, renewed, recovered after a 401
 - :mod:`~worker.api.models` — typed views of the resources the API returns (:class:`Transaction`, …)
 - :mod:`~worker.api.wire` — JSON and Transit, both ways

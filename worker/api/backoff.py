@@ -24,8 +24,10 @@ class Backoff:
     """How long to wait between attempts and when to stop.
 
     ``max_attempts`` counts every attempt including the first (1 = never retry);
-    ``max_total_s`` bounds the time from the first attempt to the start of the last
-    one, so a retry is only made if its wait still fits in that budget.
+    ``max_total_s`` bounds the time from the start (the caller's ``elapsed_s``
+    counts from it: the API client starts it when the call is made, before any
+    rate-limit or token wait) to the start of the last attempt, so a retry is only
+    made if its wait still fits in that budget.
     """
 
     base_s: float = 0.5

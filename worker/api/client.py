@@ -12,12 +12,15 @@ full jitter; ``Retry-After`` is honoured as a minimum wait):
   every connection failure (refused, reset, dropped, truncated body), every timeout,
   and a 2xx whose body cannot be decoded: a body cut short without framing (no
   length, connection closed) looks exactly like malformed JSON.
-- **Commands** may already have taken effect, so they retry only when the server
-  surely or most probably did not act: 408, 429, 502, 503, 504 and failures to
-  connect at all. A 500, a dropped connection, a read timeout or an undecodable 2xx
-  is raised at once. (A repeated Flex transition that did land the first time comes
-  back as 409 ``transaction-invalid-transition``; a repeated metadata update writes
-  the same values.)
+- **Commands** may already have taken effect, so they retry only where the request
+  surely did not: 408, 429, 503 and failures to connect at all (refused, connect
+  timeout). Where it may have (a gateway's 502 or 504, whose upstream may have
+  applied it; a 500; a connection broken after sending; a read timeout; a 2xx
+  whose body cannot be read, though it did apply) they raise
+  :class:`~worker.errors.CommandOutcomeUnknownError` at once and never send it
+  again: a repeated Flex transition that landed the first time comes back 409
+  ``transaction-invalid-transition``, and a command that is not naturally
+  idempotent would run twice. ``ctx.step`` leaves such a step uncertain.
 - **401** is not a transient failure: the token manager refreshes the token once,
   then re-authenticates once, and a third 401 raises :class:`~worker.errors.AuthError`.
 - Everything else (400, 402, 403, 404, 409, ...) raises at once.
@@ -26,6 +29,12 @@ full jitter; ``Retry-After`` is honoured as a minimum wait):
 
 ``Backoff.max_attempts`` caps the attempts that failed transiently; the ``attempts``
 on an error counts every request sent, 401 recoveries included.
+``Backoff.max_total_s`` is the budget of the whole call, from the moment it is made
+to the start of its last attempt: waits for the rate-limit bucket, for a token
+renewal and between retries all count. A wait that would end past it is not begun
+(a bucket wait), or cut short (a token renewal's waiter is let go): the call raises
+its last failure, or :class:`~worker.errors.CallBudgetError` if no request could
+start at all. So a call ends within the budget plus one request's timeout.
 """
 
 from __future__ import annotations
@@ -36,16 +45,14 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self, TypedDict, TypeVar, Unpack, overload
-from uuid import UUID
+from typing import Any, Literal, Protocol, Self, TypeVar, Unpack, overload
 
 import aiohttp
-from multidict import CIMultiDictProxy
 from pydantic import SecretStr
 
 from worker.api import wire
@@ -56,6 +63,7 @@ from worker.api.models import (
     Listing,
     Marketplace,
     Page,
+    RejectedItem,
     Resource,
     ResourceRef,
     Transaction,
@@ -64,17 +72,28 @@ from worker.api.models import (
     parse_error_details,
     parse_page,
 )
+from worker.api.params import (
+    FieldSets,
+    Id,
+    Names,
+    TransactionFilters,
+    encode_params,
+    shape_params,
+    transaction_query_params,
+)
 from worker.api.ratelimit import RateLimits, TokenBucket, preset
+from worker.api.walk import walk_transactions
 from worker.errors import (
     ApiConnectError,
     ApiError,
     ApiErrorDetail,
     ApiTimeoutError,
     AuthError,
+    CallBudgetError,
+    CommandOutcomeUnknownError,
     ConfigError,
     DecodeError,
     RequestInfo,
-    TransportError,
     status_error,
 )
 
@@ -94,15 +113,13 @@ API_PREFIX = "/v1/integration_api/"
 #: Sharetribe's SDKs never open more than this many connections per client.
 MAX_CONNECTIONS = 10
 
-_RETRY_ALWAYS = frozenset({408, 429, 502, 503, 504})
-_RETRY_QUERIES = _RETRY_ALWAYS | {500}
+#: Statuses that say the request was not acted on: safe to send again, even a command.
+_NOT_DONE = frozenset({408, 429, 503})
+_RETRY_QUERIES = _NOT_DONE | {500, 502, 504}
 
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=Resource)
-Id = UUID | str
-Names = str | Sequence[str]
-FieldSets = Mapping[str, Sequence[str]]
 
 
 class ClientSettings(Protocol):
@@ -132,105 +149,8 @@ class ClientSettings(Protocol):
     def api_retry_max_total_s(self) -> float: ...
     @property
     def api_format(self) -> Literal["json", "transit"]: ...
-
-
-class TransactionFilters(TypedDict, total=False):
-    """Filters and shaping of ``transactions/query``.
-
-    ``sort`` keys follow Sharetribe's convention: a bare key sorts newest first, a
-    ``-`` prefix oldest first (``"lastTransitionedAt"`` = most recently transitioned).
-    """
-
-    created_at_start: datetime
-    created_at_end: datetime
-    customer_id: Id
-    provider_id: Id
-    listing_id: Id
-    last_transitions: Names
-    process_names: Names
-    states: Names
-    booking_start: datetime
-    booking_end: datetime
-    has_booking: bool
-    has_payin: bool
-    has_message: bool
-    sort: Names
-    include: Names
-    fields: FieldSets
-
-
-_TRANSACTION_FILTER_NAMES: Mapping[str, str] = {
-    "created_at_start": "createdAtStart",
-    "created_at_end": "createdAtEnd",
-    "customer_id": "customerId",
-    "provider_id": "providerId",
-    "listing_id": "listingId",
-    "last_transitions": "lastTransitions",
-    "process_names": "processNames",
-    "states": "states",
-    "booking_start": "bookingStart",
-    "booking_end": "bookingEnd",
-    "has_booking": "hasBooking",
-    "has_payin": "hasPayin",
-    "has_message": "hasMessage",
-    "sort": "sort",
-}
-
-
-def _encode_value(value: object) -> str | None:
-    # bool before int: bool is an int, and the API wants "true", not "True" or "1".
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, datetime):
-        return wire.format_time(value)
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list | tuple | set | frozenset):
-        items = [_encode_value(v) for v in value if v is not None]
-        # Sets have no order; sorting keeps URLs (and caches, logs, tests) stable.
-        parts = [p for p in items if p is not None]
-        return ",".join(sorted(parts) if isinstance(value, set | frozenset) else parts)
-    raise TypeError(f"cannot encode {type(value).__name__} as a query parameter")
-
-
-def encode_params(params: Mapping[str, object]) -> dict[str, str]:
-    """Query parameters as the API reads them.
-
-    Sequences are comma-joined, datetimes ISO 8601 UTC with milliseconds, UUIDs as
-    strings, booleans ``true``/``false``; ``None`` values and empty sequences are left out.
-    """
-    out: dict[str, str] = {}
-    for name, value in params.items():
-        if value is None or (isinstance(value, list | tuple | set | frozenset) and not value):
-            continue
-        encoded = _encode_value(value)
-        if encoded is not None:
-            out[name] = encoded
-    return out
-
-
-def transaction_query_params(filters: TransactionFilters) -> dict[str, object]:
-    """The ``transactions/query`` parameters (wire names, unencoded) for ``filters``."""
-    params: dict[str, object] = {}
-    for name, value in filters.items():
-        wire_name = _TRANSACTION_FILTER_NAMES.get(name)
-        if wire_name is not None:
-            params[wire_name] = value
-    params.update(_shape(filters.get("include"), filters.get("fields")))
-    return params
-
-
-def _shape(include: Names | None, fields: FieldSets | None) -> dict[str, object]:
-    params: dict[str, object] = {"include": include}
-    for resource_type, names in (fields or {}).items():
-        params[f"fields.{resource_type}"] = names
-    return params
+    @property
+    def api_page_cap(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -238,6 +158,8 @@ class _Answer:
     body: Any
     request: RequestInfo
     attempts: int
+    #: the server's clock when it answered (its ``Date`` header), if it sent one that parses.
+    served_at: datetime | None = None
 
 
 @dataclass
@@ -271,6 +193,7 @@ class IntegrationClient:
         connect_timeout_s: float = 10.0,
         max_connections: int = MAX_CONNECTIONS,
         backoff: Backoff | None = None,
+        page_cap: int = 10_000,
         session: aiohttp.ClientSession | None = None,
         accept: str = wire.JSON_MIME,
         clock: Callable[[], float] = time.monotonic,
@@ -288,9 +211,13 @@ class IntegrationClient:
             raise ConfigError(f"accept must be {wire.JSON_MIME} or {wire.TRANSIT_MIME}, got {accept!r}")
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if page_cap < 1:
+            raise ConfigError(f"page_cap must be at least 1, got {page_cap}")
         self.base_url = base_url.rstrip("/")
         self.accept = accept
         self.backoff = backoff or Backoff()
+        #: items one query can reach by paging (the API's cap on deep paging).
+        self.page_cap = page_cap
         self._max_connections = max_connections
         # total bounds one attempt end to end; sock_connect keeps a dead host from eating all of it.
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
@@ -333,6 +260,7 @@ class IntegrationClient:
                 max_total_s=settings.api_retry_max_total_s,
             ),
             "accept": wire.TRANSIT_MIME if settings.api_format == "transit" else wire.JSON_MIME,
+            "page_cap": settings.api_page_cap,
         }
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -355,6 +283,7 @@ class IntegrationClient:
     async def aclose(self) -> None:
         """Close the session if this client created it; the client is unusable afterwards."""
         self._closed = True
+        await self.tokens.aclose()
         if self._session is not None and self._owns_session:
             await self._session.close()
 
@@ -388,21 +317,21 @@ class IntegrationClient:
         self, id: Id, *, include: Names | None = None, fields: FieldSets | None = None
     ) -> User:
         """One user, with ``email`` and full profile data."""
-        params = {"id": id, **_shape(include, fields)}
+        params = {"id": id, **shape_params(include, fields)}
         return self._one(User, await self._call("GET", "users/show", params, None))
 
     async def listings_show(
         self, id: Id, *, include: Names | None = None, fields: FieldSets | None = None
     ) -> Listing:
         """One listing."""
-        params = {"id": id, **_shape(include, fields)}
+        params = {"id": id, **shape_params(include, fields)}
         return self._one(Listing, await self._call("GET", "listings/show", params, None))
 
     async def transactions_show(
         self, id: Id, *, include: Names | None = None, fields: FieldSets | None = None
     ) -> Transaction:
         """One transaction; ``include=("customer", "provider", "listing")`` resolves them."""
-        params = {"id": id, **_shape(include, fields)}
+        params = {"id": id, **shape_params(include, fields)}
         return self._one(Transaction, await self._call("GET", "transactions/show", params, None))
 
     async def transactions_query(
@@ -418,26 +347,24 @@ class IntegrationClient:
         answer = await self._call("GET", "transactions/query", params, None)
         return self._page(Transaction, answer)
 
-    async def iter_transactions(
-        self, *, per_page: int = 100, **filters: Unpack[TransactionFilters]
+    def iter_transactions(
+        self,
+        *,
+        per_page: int = 100,
+        on_rejected: Callable[[RejectedItem], None] | None = None,
+        **filters: Unpack[TransactionFilters],
     ) -> AsyncIterator[Transaction]:
-        """Every transaction matching ``filters``, page after page.
+        """Every transaction matching ``filters``, each once, in the order asked.
 
-        Stops after a short page or at ``totalPages``. Deep paging is capped by the
-        API (reportedly 10,000 items), and pages shift while transactions change:
-        narrow the window with ``created_at_*`` rather than paging far.
+        Past the page cap (:attr:`page_cap`) a walk sorted by ``createdAt`` goes on by
+        ``createdAt`` windows; any other sort raises
+        :class:`~worker.errors.PagingLimitError` there (see
+        :func:`worker.api.walk.walk_transactions`). Items that cannot be read go to
+        ``on_rejected`` (default: logged).
         """
-        page = 1
-        while True:
-            result = await self.transactions_query(page=page, per_page=per_page, **filters)
-            for transaction in result.data:
-                yield transaction
-            total_pages = result.meta.total_pages
-            # The server's page size wins: a server that caps perPage must not end the walk early.
-            page_size = result.meta.per_page or per_page
-            if len(result.data) < page_size or (total_pages is not None and page >= total_pages):
-                return
-            page += 1
+        return walk_transactions(
+            self, filters, per_page=per_page, page_cap=self.page_cap, on_rejected=on_rejected
+        )
 
     async def events_query(
         self,
@@ -504,14 +431,18 @@ class IntegrationClient:
         try:
             return parse_document(model, answer.body)
         except DecodeError as exc:
-            raise type(exc)(exc.message, request=answer.request, attempts=answer.attempts) from exc
+            raise _unreadable(exc, answer) from exc
 
     @staticmethod
     def _page(model: type[R], answer: _Answer) -> Page[R]:
         try:
-            return parse_page(model, answer.body)
+            page = parse_page(model, answer.body)
         except DecodeError as exc:
             raise type(exc)(exc.message, request=answer.request, attempts=answer.attempts) from exc
+        for item in page.rejected:
+            logger.warning("%s: item %d set aside: %s", answer.request, item.index, item.reason)
+        page.served_at = answer.served_at
+        return page
 
     @staticmethod
     def _ref(answer: _Answer) -> ResourceRef:
@@ -520,8 +451,8 @@ class IntegrationClient:
         try:
             return ResourceRef.model_validate(data)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            message = "answer's 'data' is not a resource reference"
-            raise DecodeError(message, request=answer.request, attempts=answer.attempts) from exc
+            error = DecodeError("answer's 'data' is not a resource reference")
+            raise _unreadable(error, answer) from exc
 
     # -- the request loop ----------------------------------------------------------
 
@@ -540,20 +471,20 @@ class IntegrationClient:
         tried: set[Grant] = set()
         attempts = 0
         failures = 0
-        started_s: float | None = None
+        started_s = self._clock()
+        # The budget bounds the whole call: bucket, token and backoff waits alike.
+        deadline_s = started_s + self.backoff.max_total_s
+        last_error: ApiError | None = None
         while True:
-            if bucket is not None:
-                await bucket.take(sleep=self._sleep)
-            token = await self.tokens.access_token()
-            if started_s is None:
-                # The retry budget starts with the first request, not with waiting for the bucket.
-                started_s = self._clock()
+            if bucket is not None and not await bucket.take(sleep=self._sleep, latest_s=deadline_s):
+                raise self._out_of_budget(request, attempts, last_error, "for the client-side rate limit")
+            token = await self.tokens.access_token(deadline_s=deadline_s)
             attempts += 1
             outcome = await self._attempt(request, token, payload, attempts)
             if isinstance(outcome, _Answer):
                 return outcome
             if isinstance(outcome.error, AuthError) and outcome.error.status == 401:
-                if await self.tokens.recover(token, tried) is not None:
+                if await self.tokens.recover(token, tried, deadline_s=deadline_s) is not None:
                     logger.info("%s: access token rejected; retrying with a new one", request)
                     continue
                 raise AuthError(
@@ -570,12 +501,26 @@ class IntegrationClient:
                 delay_s = self.backoff.next_delay_s(
                     failures, self._clock() - started_s, self._rng, retry_after_s=outcome.retry_after_s
                 )
+            outcome.error.attempts = attempts
             if delay_s is None:
-                outcome.error.attempts = attempts
                 raise outcome.error
+            last_error = outcome.error
             reason = outcome.error.message
             logger.warning("%s: attempt %d failed (%s); retry in %.2fs", request, attempts, reason, delay_s)
             await self._sleep(delay_s)
+
+    def _out_of_budget(
+        self, request: RequestInfo, attempts: int, last_error: ApiError | None, waiting: str
+    ) -> ApiError:
+        if last_error is not None:
+            return last_error  # what went wrong is what the caller wants to know
+        budget_s = self.backoff.max_total_s
+        return CallBudgetError(
+            f"the call's next request could not start within its {budget_s:g} s budget: "
+            f"it would have waited {waiting}",
+            request=request,
+            attempts=attempts,
+        )
 
     async def _attempt(
         self, request: RequestInfo, token: str, payload: bytes | None, attempts: int
@@ -603,68 +548,112 @@ class IntegrationClient:
         except aiohttp.ConnectionTimeoutError as exc:
             # Never connected, so nothing was sent: safe to retry even a command.
             message = "timed out connecting to the Integration API"
-            error: TransportError = ApiTimeoutError(message, request=request)
+            error: ApiError = ApiTimeoutError(message, request=request)
             return self._transport_failure(error, exc, retryable=True)
         except aiohttp.ClientConnectorError as exc:
             message = f"cannot connect to the Integration API ({exc.os_error})"
             error = ApiConnectError(message, request=request)
             return self._transport_failure(error, exc, retryable=True)
-        except TimeoutError as exc:
-            error = ApiTimeoutError("the Integration API did not answer in time", request=request)
-            return self._transport_failure(error, exc, retryable=is_query)
-        except aiohttp.ClientPayloadError as exc:
-            error = ApiConnectError("the Integration API's answer was cut short", request=request)
-            return self._transport_failure(error, exc, retryable=is_query)
         except aiohttp.InvalidURL as exc:
             error = ApiConnectError(f"invalid Integration API URL ({exc})", request=request)
             return self._transport_failure(error, exc, retryable=False)
+        except TimeoutError as exc:
+            if is_query:
+                error = ApiTimeoutError("the Integration API did not answer in time", request=request)
+            else:
+                error = _outcome_unknown("no answer came in time", request)
+            return self._transport_failure(error, exc, retryable=is_query)
+        except aiohttp.ClientPayloadError as exc:
+            if is_query:
+                error = ApiConnectError("the Integration API's answer was cut short", request=request)
+            else:
+                error = _outcome_unknown("the answer was cut short", request)
+            return self._transport_failure(error, exc, retryable=is_query)
         except aiohttp.ClientError as exc:
-            error = ApiConnectError(
-                f"connection to the Integration API failed ({type(exc).__name__})", request=request
-            )
+            what = f"connection to the Integration API failed ({type(exc).__name__})"
+            if is_query:
+                error = ApiConnectError(what, request=request)
+            else:
+                error = _outcome_unknown(f"the {what.removeprefix('the ')} after it was sent", request)
             return self._transport_failure(error, exc, retryable=is_query)
 
         content_type = resp_headers.get("Content-Type", "")
         if 200 <= status < 300:
             mime = _mime_of(content_type, self.accept)
             try:
-                return _Answer(wire.decode(body, mime), request, attempts)
+                return _Answer(wire.decode(body, mime), request, attempts, _server_time(resp_headers))
             except wire.WireFormatError as exc:
-                error_ = DecodeError(
+                what = (
                     f"Integration API answered {status} with a body that is not valid {mime} "
-                    f"(Content-Type {content_type or 'missing'!r}, {len(body)} bytes): {exc}",
-                    request=request,
+                    f"(Content-Type {content_type or 'missing'!r}, {len(body)} bytes): {exc}"
                 )
-                error_.__cause__ = exc
-                return _Failure(error_, retryable=is_query)
+                error = (
+                    DecodeError(what, request=request)
+                    if is_query
+                    else _outcome_unknown(f"{what}; the command took effect", request, status=status)
+                )
+                error.__cause__ = exc
+                return _Failure(error, retryable=is_query)
 
         details: list[ApiErrorDetail] = []
         # 5xx bodies are not guaranteed to be valid; the status says enough then.
         with contextlib.suppress(wire.WireFormatError, ValueError, TypeError):
             details = parse_error_details(wire.decode(body, _mime_of(content_type, self.accept)))
         status_exc = status_error(status, details, request=request)
-        retryable = status in (_RETRY_QUERIES if is_query else _RETRY_ALWAYS)
+        if not is_query and status >= 500 and status not in _NOT_DONE:
+            # A gateway's 502/504 or the API's 500: the command may have been applied upstream.
+            unknown = _outcome_unknown(status_exc.message, request, status=status)
+            unknown.__cause__ = status_exc
+            return _Failure(unknown, retryable=False)
+        retryable = status in (_RETRY_QUERIES if is_query else _NOT_DONE)
         retry_after_s = self._retry_after_s(resp_headers) if retryable else None
         return _Failure(status_exc, retryable=retryable, retry_after_s=retry_after_s)
 
     @staticmethod
-    def _transport_failure(error: TransportError, exc: BaseException, *, retryable: bool) -> _Failure:
+    def _transport_failure(error: ApiError, exc: BaseException, *, retryable: bool) -> _Failure:
         # The failure may be raised much later, from the retry loop; keep the library error as its cause.
         error.__cause__ = exc
         return _Failure(error, retryable=retryable)
 
-    def _retry_after_s(self, headers: CIMultiDictProxy[str]) -> float | None:
+    def _retry_after_s(self, headers: Mapping[str, str]) -> float | None:
         value = headers.get("Retry-After")
         if value is None:
             return None
-        now_s = self._wall_clock()
-        server_date = headers.get("Date")
-        if server_date:
-            # The server's own clock makes an HTTP-date Retry-After immune to our clock skew.
-            with contextlib.suppress(TypeError, ValueError, IndexError):
-                at = parsedate_to_datetime(server_date)
-                now_s = (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+        # The server's own clock makes an HTTP-date Retry-After immune to our clock skew.
+        served_at = _server_time(headers)
+        now_s = served_at.timestamp() if served_at is not None else self._wall_clock()
         return parse_retry_after(value, now_s=now_s)
+
+
+def _server_time(headers: Mapping[str, str]) -> datetime | None:
+    """The answer's ``Date`` as an aware UTC datetime; None when absent or unreadable."""
+    value = headers.get("Date")
+    if not value:
+        return None
+    try:
+        at = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    # RFC 9110 dates are GMT; a naive parse means "-0000", which is UTC too.
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _outcome_unknown(
+    what: str, request: RequestInfo, *, status: int | None = None
+) -> CommandOutcomeUnknownError:
+    return CommandOutcomeUnknownError(
+        f"command outcome unknown, not sent again: {what}", status=status, request=request
+    )
+
+
+def _unreadable(exc: DecodeError, answer: _Answer) -> ApiError:
+    """A 2xx answer that cannot be read: for a command, it did take effect all the same."""
+    if answer.request.method != "GET":
+        unknown = _outcome_unknown(f"{exc.message}; the command took effect", answer.request, status=200)
+        unknown.attempts = answer.attempts
+        return unknown
+    error: ApiError = type(exc)(exc.message, request=answer.request, attempts=answer.attempts)
+    return error
 
 
 def _mime_of(content_type: str, fallback: str) -> str:

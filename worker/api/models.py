@@ -6,20 +6,44 @@ fields are kept, never rejected: Sharetribe adds attributes without notice. A
 resource that lacks a field we require raises :class:`~worker.errors.ResourceError`
 naming the resource type, id and field.
 
+The API sends null for every attribute of a deleted resource but its flags (and a
+banned user's data is as bare), and null for any requested attribute that has no
+data. So a null where a field has a default means that default (``{}`` for
+extended data, an empty profile, ``False``, ``[]``), and only what the product
+cannot do without is required: a transaction's process, transitions and times; a
+user's or listing's ``createdAt`` may be missing.
+
 Related resources from a response's ``included`` array are resolved onto the
 resource (``transaction.customer``, ``transaction.provider``, ``transaction.listing``)
-when the request asked for them.
+when the request asked for them. A related resource that is gone (not included, a
+null relationship) or that cannot be read is absent (``None``), never a reason to
+fail the resource that points at it; an unreadable one is logged by type and id.
+
+:func:`parse_page` reads a page item by item: an item of ``data`` that cannot be
+read is set aside in :attr:`Page.rejected` (its position, id, type and a one-line
+reason, no personal data) and the rest of the page is returned.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
+from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from worker.errors import ApiErrorDetail, DecodeError, ResourceError
@@ -37,6 +61,7 @@ __all__ = [
     "Money",
     "Page",
     "PageMeta",
+    "RejectedItem",
     "Relationship",
     "Resource",
     "ResourceRef",
@@ -54,11 +79,37 @@ __all__ = [
 
 JsonObject = dict[str, Any]
 
+logger = logging.getLogger(__name__)
+
+
+@cache
+def _defaulted_keys(model: type[BaseModel]) -> frozenset[str]:
+    """Wire and Python names of the fields whose default is not None (so None is not a value)."""
+    keys: set[str] = set()
+    for name, info in model.model_fields.items():
+        if info.is_required() or (info.default_factory is None and info.default is None):
+            continue
+        keys.add(name)
+        if info.alias:
+            keys.add(info.alias)
+    return frozenset(keys)
+
 
 class ApiModel(BaseModel):
-    """Base of every API model: camelCase on the wire, unknown fields kept."""
+    """Base of every API model: camelCase on the wire, unknown fields kept, null as the default."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # Deleted and banned resources come with null for everything (see the module doc).
+        if not isinstance(data, dict):
+            return data
+        defaulted = _defaulted_keys(cls)
+        if not any(value is None and key in defaulted for key, value in data.items()):
+            return data
+        return {key: value for key, value in data.items() if not (value is None and key in defaulted)}
 
 
 class Money(ApiModel):
@@ -92,6 +143,15 @@ class ResourceRef(ApiModel):
 class Relationship(ApiModel):
     data: ResourceRef | list[ResourceRef] | None = None
 
+    @field_validator("data", mode="wrap")
+    @classmethod
+    def _unreadable_is_absent(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # A broken reference must not fail the resource holding it: it is simply not there.
+        try:
+            return handler(value)
+        except ValidationError:
+            return None
+
 
 class Resource(ApiModel):
     """Common shape of every resource."""
@@ -102,6 +162,9 @@ class Resource(ApiModel):
     id: UUID
     type: str
     relationships: dict[str, Relationship] = Field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise :class:`~worker.errors.ResourceError` if an embedded part is unusable (a hook)."""
 
     def related_id(self, name: str) -> UUID | None:
         """Id of a to-one relationship, when the response carried it."""
@@ -132,7 +195,7 @@ class UserProfile(ApiModel):
 
 
 class UserAttributes(ApiModel):
-    created_at: datetime
+    created_at: datetime | None = None
     email: str | None = None
     banned: bool = False
     deleted: bool = False
@@ -144,7 +207,7 @@ class User(Resource):
 
 
 class ListingAttributes(ApiModel):
-    created_at: datetime
+    created_at: datetime | None = None
     title: str | None = None
     description: str | None = None
     state: str | None = None
@@ -204,13 +267,27 @@ class EventAttributes(ApiModel):
 
 class Event(Resource):
     attributes: EventAttributes
+    _snapshot: Transaction | None = PrivateAttr(default=None)
 
     def transaction(self) -> Transaction | None:
-        """The transaction after the change, for ``transaction/*`` events."""
+        """The transaction after the change, for ``transaction/*`` events.
+
+        Raises :class:`~worker.errors.ResourceError` if the snapshot cannot be read;
+        events read through :func:`parse_page` were checked already (see :meth:`check`).
+        """
         res = self.attributes.resource
         if res is None or self.attributes.resource_type != "transaction":
             return None
-        return parse_one(Transaction, res, Included(()))
+        if self._snapshot is None:
+            self._snapshot = parse_one(Transaction, res, Included(()))
+        return self._snapshot
+
+    def check(self) -> None:
+        """Read the transaction snapshot now: an event whose snapshot is unusable is unusable."""
+        try:
+            self.transaction()
+        except ResourceError as exc:
+            raise ResourceError(f"{self.type} {self.id}: its resource: {exc.message}") from exc
 
 
 class PageMeta(ApiModel):
@@ -223,11 +300,42 @@ class PageMeta(ApiModel):
 R = TypeVar("R", bound=Resource)
 
 
+class RejectedItem(BaseModel):
+    """An item of a page's ``data`` that could not be read; safe to log and store.
+
+    ``index`` is its position in ``data``; ``id`` and ``type`` are what the item
+    said, when it said it; ``reason`` is one line naming the field at fault, never
+    its value. ``sequence_id`` is an event's place in the event stream, when it
+    can be read, so a cursor can step past the item.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    reason: str
+    sequence_id: int | None = None
+
+
 class Page(BaseModel, Generic[R]):
-    """One page of a query: resolved resources plus pagination meta."""
+    """One page of a query: resolved resources plus pagination meta.
+
+    ``data`` holds the items that could be read, in the server's order;
+    ``rejected`` the ones that could not (:class:`RejectedItem`). ``served_at``
+    is the server's time from the answer's ``Date`` header (aware UTC), or None
+    when it sent none that parses.
+    """
 
     data: list[R]
     meta: PageMeta = Field(default_factory=PageMeta)
+    rejected: list[RejectedItem] = Field(default_factory=list)
+    served_at: datetime | None = None
+
+    @property
+    def received(self) -> int:
+        """How many items the server sent, read or not: a "full page" is judged on this."""
+        return len(self.data) + len(self.rejected)
 
 
 class Included:
@@ -249,22 +357,53 @@ def _describe(raw: Any) -> str:
     return "resource"
 
 
+def _reason(exc: ValidationError) -> str:
+    # The field and what is wrong with it; never the input, which may be personal data.
+    first = exc.errors(include_input=False, include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"])
+    return f"field {field!r}: {first['msg'].lower()}" if field else first["msg"].lower()
+
+
 def parse_one(model: type[R], raw: Any, included: Included) -> R:
-    """Validate one resource and resolve its included relationships."""
+    """Validate one resource and resolve its included relationships.
+
+    Raises :class:`~worker.errors.ResourceError` when the resource itself cannot be
+    read; a related resource that cannot be read is left absent (and logged).
+    """
     try:
         resource = model.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise ResourceError(f"{_describe(raw)}: field {field!r}: {first['msg'].lower()}") from exc
+        raise ResourceError(f"{_describe(raw)}: {_reason(exc)}") from exc
+    resource.check()
     for name, related_model in model.related_models.items():
         rel = resource.relationships.get(name)
         if rel is None or not isinstance(rel.data, ResourceRef):
             continue
         related_raw = included.get(rel.data)
-        if related_raw is not None:
+        if related_raw is None:
+            continue
+        try:
             setattr(resource, name, parse_one(related_model, related_raw, included))
+        except ResourceError as exc:
+            logger.warning("%s %s: related %s left out: %s", resource.type, resource.id, name, exc.message)
     return resource
+
+
+def _rejected(index: int, raw: Any, exc: ResourceError) -> RejectedItem:
+    item = raw if isinstance(raw, dict) else {}
+    attributes = item.get("attributes")
+    sequence_id = attributes.get("sequenceId") if isinstance(attributes, dict) else None
+    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int):
+        sequence_id = None
+    return RejectedItem(
+        index=index,
+        id=str(item["id"])[:64] if isinstance(item.get("id"), str) else None,
+        type=str(item["type"])[:64] if isinstance(item.get("type"), str) else None,
+        reason=exc.message,
+        sequence_id=sequence_id
+        if isinstance(sequence_id, int) and not isinstance(sequence_id, bool)
+        else None,
+    )
 
 
 def _document(body: Any) -> tuple[Any, Included]:
@@ -285,7 +424,12 @@ def parse_document(model: type[R], body: Any) -> R:
 
 
 def parse_page(model: type[R], body: Any) -> Page[R]:
-    """Parse a multi-resource answer (``query`` endpoints)."""
+    """Parse a multi-resource answer (``query`` endpoints), item by item.
+
+    A malformed document (no ``data`` array, a broken ``meta``) raises
+    :class:`~worker.errors.DecodeError`; an item that cannot be read goes to
+    :attr:`Page.rejected` and the page goes on.
+    """
     data, included = _document(body)
     if not isinstance(data, list):
         raise DecodeError("answer's 'data' is not an array")
@@ -293,7 +437,14 @@ def parse_page(model: type[R], body: Any) -> Page[R]:
         meta = PageMeta.model_validate(body.get("meta") or {})
     except ValidationError as exc:
         raise DecodeError(f"answer's 'meta' is invalid: {exc.errors()[0]['msg']}") from exc
-    return Page[model](data=[parse_one(model, item, included) for item in data], meta=meta)  # type: ignore[valid-type]
+    items: list[R] = []
+    rejected: list[RejectedItem] = []
+    for index, raw in enumerate(data):
+        try:
+            items.append(parse_one(model, raw, included))
+        except ResourceError as exc:
+            rejected.append(_rejected(index, raw, exc))
+    return Page[model](data=items, meta=meta, rejected=rejected)  # type: ignore[valid-type]
 
 
 def parse_error_details(body: Any) -> list[ApiErrorDetail]:

@@ -69,7 +69,12 @@ def preset(name: RateLimitPreset) -> RateLimits | None:
 
 
 class TokenBucket:
-    """A token bucket with continuous refill and FIFO waiting."""
+    """A token bucket with continuous refill and FIFO waiting.
+
+    :meth:`take` reserves its tokens at once, ahead of time if need be (the bucket
+    then runs below zero, and later takers wait behind), so a taker knows its wait
+    before it starts waiting and can decline one that would end too late.
+    """
 
     def __init__(
         self,
@@ -85,7 +90,8 @@ class TokenBucket:
         now_s = clock()
         self._updated_at_s = now_s if started_at_s is None else min(started_at_s, now_s)
         self._rate_per_s = spec.refill_amount / spec.refill_interval_s
-        self._lock = asyncio.Lock()
+        # Reserved waits are slept in turn, so each sleeps only what is left after the one before.
+        self._turn = asyncio.Lock()
 
     def _refill(self) -> None:
         now_s = self._clock()
@@ -95,6 +101,7 @@ class TokenBucket:
 
     @property
     def tokens(self) -> float:
+        """Tokens in the bucket now; below zero while tokens are reserved ahead."""
         self._refill()
         return self._tokens
 
@@ -106,13 +113,41 @@ class TokenBucket:
             return 0.0
         return (amount - self._tokens) / self._rate_per_s
 
+    def reserve(self, amount: float = 1.0, *, latest_s: float | None = None) -> float | None:
+        """Reserve ``amount`` tokens; the time (on the bucket's clock) they are there, or None.
+
+        Reservations are served in the order they are made. With ``latest_s``
+        nothing is reserved, and None returned, if the tokens would come after it.
+        """
+        self._refill()
+        ready_at_s = self._updated_at_s + max(0.0, (amount - self._tokens) / self._rate_per_s)
+        if latest_s is not None and ready_at_s > latest_s:
+            return None
+        self._tokens -= amount
+        return ready_at_s
+
     async def take(
         self,
         amount: float = 1.0,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        """Wait until ``amount`` tokens are available and take them; waiters are served in order."""
-        async with self._lock:
-            while (wait_s := self.try_take(amount)) > 0:
-                await sleep(wait_s)
+        latest_s: float | None = None,
+    ) -> bool:
+        """Wait until ``amount`` tokens are available and take them; waiters are served in order.
+
+        With ``latest_s`` (on the bucket's clock), return False at once, having taken
+        nothing, if the tokens would not be there by then; True once they are taken.
+        """
+        ready_at_s = self.reserve(amount, latest_s=latest_s)
+        if ready_at_s is None:
+            return False
+        try:
+            async with self._turn:
+                if (wait_s := ready_at_s - self._clock()) > 0:
+                    await sleep(wait_s)
+        except asyncio.CancelledError:
+            # Never used: give the tokens back so the takers after us are not held up.
+            self._refill()
+            self._tokens = min(self.spec.capacity, self._tokens + amount)
+            raise
+        return True

@@ -20,6 +20,8 @@ from pydantic import BaseModel
 
 from worker.api.backoff import parse_retry_after
 from worker.errors import (
+    CallBudgetError,
+    CommandOutcomeUnknownError,
     HTTPStatusError,
     PermanentError,
     RateLimitedError,
@@ -66,7 +68,9 @@ def classify(exc: BaseException, *, now_s: float) -> Verdict:
         return Verdict(permanent=True)
     if isinstance(exc, RetryLater):
         return Verdict(permanent=False, at_least_s=exc.after_s)
-    if isinstance(exc, RateLimitedError | ServerError | TransportError):
+    if isinstance(
+        exc, (RateLimitedError, ServerError, TransportError, CommandOutcomeUnknownError, CallBudgetError)
+    ):
         return Verdict(permanent=False)
     if isinstance(exc, HTTPStatusError):
         return Verdict(permanent=400 <= exc.status < 500)

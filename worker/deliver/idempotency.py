@@ -11,7 +11,10 @@ delivery's state (see :mod:`worker.queue.keys`):
 - ``status``: ``done`` makes any later delivery of the event to the handler a no-op
   (also after a replay, unless the replay is forced); ``dead`` while dead-lettered.
 - ``step:<name>`` per :meth:`~worker.plugin.HandlerContext.step`: started, or done
-  with its JSON result.
+  with its JSON result. A step whose function raised is forgotten (it did not
+  happen), unless what it raised is, or was raised from, a
+  :class:`~worker.errors.CommandOutcomeUnknownError`: then it stays started, which
+  the next attempt treats like a step cut off by a dead worker (uncertain).
 
 Records expire ``FLEXWORKER_IDEMPOTENCY_RETENTION_S`` (default 30 days, never
 shorter than the queue's seen retention) after their last write; a dead-lettered
@@ -32,7 +35,7 @@ from arq.constants import job_key_prefix
 from redis.asyncio.client import Pipeline
 
 from worker.deliver.failures import ErrorRecord
-from worker.errors import PermanentError, StepUncertainError
+from worker.errors import CommandOutcomeUnknownError, PermanentError, StepUncertainError
 from worker.events import from_ms
 from worker.queue.keys import Keys
 from worker.queue.ordering import ORDER_LUA, ORDER_PARK_S, now_ms
@@ -354,8 +357,24 @@ class RecordedSteps:
         )
         try:
             result = await fn()
-        except Exception:
+        except Exception as exc:
+            if _outcome_unknown(exc):
+                # The side effect may have happened: the started record stays, so the next
+                # attempt asks if_uncertain (or dead-letters) rather than doing it again.
+                raise
             # fn saw its own failure: nothing is stored, and a retry calls it again.
             await self._redis.hdel(self._key, f"step:{name}")  # type: ignore[misc]
             raise
         return await self._done(name, result)
+
+
+def _outcome_unknown(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised from, a command whose outcome is unknown."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, CommandOutcomeUnknownError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return False
