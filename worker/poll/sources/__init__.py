@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from worker.api.models import Page
-from worker.events import SourceName, TransitionEvent
+from worker.events import SourceName, TransitionEvent, to_ms
 from worker.poll.cursor import SourceState
 
 __all__ = [
@@ -147,5 +147,4 @@ def skip_reason(exc: Exception) -> str:
 
 def api_time_ms(page: Page[Any]) -> int | None:
     """The API's own clock from an answer's ``Date`` header, in ms; None when it sent none."""
-    served_at = getattr(page, "served_at", None)
-    return None if served_at is None else int(served_at.timestamp() * 1000)
+    return None if page.served_at is None else to_ms(page.served_at)

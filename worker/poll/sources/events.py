@@ -109,16 +109,22 @@ class EventsSource:
                 per_page=PAGE_SIZE,
             )
             pages += 1
-            full = len(page.data) >= PAGE_SIZE
-            for rejected in getattr(page, "rejected", ()):
-                await sink.skip(rejected.type, rejected.id, rejected.reason)
+            full = page.received >= PAGE_SIZE
+            for rejected in page.rejected:
+                name = str(rejected.sequence_id) if rejected.sequence_id is not None else rejected.id
+                await sink.skip("event", name or "(no sequence id)", rejected.reason)
             batch = await self._with_related(await self._transition_events(page.data, sink))
             if batch:
                 events += await sink.emit(batch)
-            if page.data:
-                last = page.data[-1].attributes
-                sequence_id = last.sequence_id
-                await sink.save(cursor=sequence_id, at=to_ms(last.created_at))
+            last_id = max(
+                [e.attributes.sequence_id for e in page.data[-1:]]
+                + [r.sequence_id for r in page.rejected if r.sequence_id is not None],
+                default=None,
+            )
+            if last_id is not None and (sequence_id is None or last_id > sequence_id):
+                sequence_id = last_id
+                at = to_ms(page.data[-1].attributes.created_at) if page.data else None
+                await sink.save(cursor=sequence_id, at=at)
         return CycleReport(cursor=sequence_id, events=events, pages=pages, more=full)
 
     async def _first_start(self, state: SourceState) -> datetime:

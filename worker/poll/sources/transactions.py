@@ -276,12 +276,13 @@ class TransactionsSource:
                 result, first_page = first_page, None
             else:
                 result = await self._query(page_number, self._window_filters(window))
-            data, total = result.data, result.meta.total_items
+            # Positions count every item the server sent, readable or not (a skipped one too).
+            data, received, total = result.data, result.received, result.meta.total_items
             if plan.total is not None and total is not None and total < plan.total:
                 plan.frontier = max(0, plan.frontier - (plan.total - total))
             covered = offset <= plan.frontier
             if covered:
-                plan.frontier = max(plan.frontier, offset + len(data))
+                plan.frontier = max(plan.frontier, offset + received)
             plan.total = total
             if plan.head_ms is None:
                 plan.head_ms = max(
@@ -290,11 +291,13 @@ class TransactionsSource:
             await self._take(plan, sink, result)
             plan.pages += 1
             sink.progress(self._progress(plan, window))
-            end_of_list = offset + len(data) >= total if total is not None else len(data) < self._per_page
+            end_of_list = offset + received >= total if total is not None else received < self._per_page
+            # The order is by lastTransitionedAt: after a readable item at or below the threshold,
+            # every later one is too, skipped ones included.
             past_threshold = bool(data) and data[-1].attributes.last_transitioned_at <= plan.threshold
             if covered and (end_of_list or past_threshold):
                 return _Outcome.DONE
-            if covered and len(data) < self._per_page:
+            if covered and received < self._per_page:
                 return _Outcome.TOO_DEEP  # the page cap cut the answer short
             if window is not None and offset == 0 and total is not None and total > self._page_cap:
                 return _Outcome.TOO_DEEP  # the window holds more than paging reaches: split it first
@@ -309,13 +312,13 @@ class TransactionsSource:
         probe = await self._query(last_page, {})
         plan.pages += 1
         await self._take(plan, sink, probe)
-        return len(probe.data) < self._per_page or (
-            probe.data[-1].attributes.last_transitioned_at <= plan.threshold
+        return probe.received < self._per_page or (
+            bool(probe.data) and probe.data[-1].attributes.last_transitioned_at <= plan.threshold
         )
 
     async def _take(self, plan: _Plan, sink: Sink, result: Page[Transaction]) -> None:
-        for rejected in getattr(result, "rejected", ()):
-            await sink.skip(rejected.type, rejected.id, rejected.reason)
+        for rejected in result.rejected:
+            await sink.skip(rejected.type or "transaction", rejected.id or "(no id)", rejected.reason)
         batch: list[TransitionEvent] = []
         detected_at = self._clock()
         floor = from_ms(plan.emit_floor_ms)
