@@ -26,7 +26,7 @@ from tests.memory_sink import Crash, MemorySink
 from worker.api import wire
 from worker.api.client import TransactionFilters, encode_params, transaction_query_params
 from worker.api.models import Page, Transaction, parse_page
-from worker.events import event_key
+from worker.events import event_key, to_ms
 from worker.poll.sources import CycleStopped
 from worker.poll.sources.transactions import TransactionsSource
 from worker.sim import SimConfig, Simulator
@@ -61,6 +61,10 @@ class InterleavingApi:
         self.schedule = schedule
         self.reads = 0
         self.deleted: set[UUID] = set()
+        #: transactions the API sends in a shape we cannot read, every time.
+        self.poisoned: set[UUID] = set()
+        #: the API's clock at the first answer: a first start without --since begins there.
+        self.first_answer_at: datetime | None = None
 
     def delete_some(self, count: int) -> None:
         """Delete ``count`` transactions, spread over the order the source pages in."""
@@ -84,22 +88,32 @@ class InterleavingApi:
             self.sim.traffic.step(transitions)
             self.delete_some(deletions)
         self.reads += 1
+        self.first_answer_at = self.first_answer_at or self.clock()
         params = encode_params({**transaction_query_params(filters), "page": page, "perPage": per_page})
         q = simquery.parse_transaction_query(params)
         found = simquery.query_transactions(self.sim.store, q, page_cap=PAGE_CAP)
-        body = simquery.render_document(self.sim.store, found.items, meta=found.meta)
-        return parse_page(Transaction, wire.decode(wire.encode(body)))
+        body = wire.decode(
+            wire.encode(simquery.render_document(self.sim.store, found.items, meta=found.meta))
+        )
+        for item in body["data"]:
+            if UUID(item["id"]) in self.poisoned:
+                item["attributes"]["transitions"] = "not a list"
+        page = parse_page(Transaction, body)
+        # The API's clock rides on every answer (the host's, in the source, is offset from it).
+        return page.model_copy(update={"served_at": self.clock()})
 
 
 async def deliver_all(
     sim: Simulator,
     clock: ManualClock,
     schedule: list[Step],
-    since: datetime,
+    since: datetime | None,
     *,
     cuts: Sequence[int] = (),
     downtimes: Sequence[Sequence[tuple[int, int]]] = (),
-) -> tuple[list[str], InterleavingApi]:
+    poisoned: int = 0,
+    host_ahead_ms: int = 0,
+) -> tuple[MemorySink, InterleavingApi]:
     """Cycle until quiet, each cycle with a fresh source (a new process, as for a CronJob).
 
     ``cuts``: per cycle, the save after which it dies (odd) or stops at its deadline
@@ -107,7 +121,12 @@ async def deliver_all(
     runs before it (clock steps and transitions).
     """
     api = InterleavingApi(sim, clock, schedule)
+    api.poisoned = set(sorted(sim.store.transactions)[:poisoned])
     sink = MemorySink()
+
+    def host_clock() -> datetime:
+        return clock() + timedelta(milliseconds=host_ahead_ms)
+
     cut_plan, down_plan = list(cuts), list(downtimes)
     quiet_cycles = 0
     while quiet_cycles < 2:
@@ -117,7 +136,7 @@ async def deliver_all(
         busy = bool(api.schedule)
         clock.advance(100)  # the idle interval between cycles
         source = TransactionsSource(
-            api, lookback_s=LOOKBACK_S, start_at=since, per_page=PER_PAGE, page_cap=PAGE_CAP, clock=clock
+            api, lookback_s=LOOKBACK_S, start_at=since, per_page=PER_PAGE, page_cap=PAGE_CAP, clock=host_clock
         )
         cut = cut_plan.pop(0) if cut_plan else 0
         if cut:
@@ -133,7 +152,7 @@ async def deliver_all(
             continue
         sink.crash_at_save = sink.stop_at_save = None
         quiet_cycles = 0 if busy or down_plan else quiet_cycles + 1
-    return sink.delivered, api
+    return sink, api
 
 
 STEPS = st.tuples(
@@ -159,6 +178,9 @@ EXAMPLES = int(os.environ.get("FLEXWORKER_PROPERTY_EXAMPLES", "200"))
     schedule=st.lists(STEPS, min_size=1, max_size=40),
     cuts=st.lists(st.integers(min_value=0, max_value=6), max_size=8),
     downtimes=st.lists(DOWNTIME, max_size=4),
+    poisoned=st.sampled_from([0, 0, 1, 3]),
+    host_ahead_ms=st.sampled_from([0, 60_000, -60_000]),
+    from_api_clock=st.booleans(),
 )
 # Found by this test: a transaction moved while an earlier createdAt window was walked,
 # and a later window showed a newer transition; the watermark must be the cycle's head.
@@ -180,6 +202,21 @@ EXAMPLES = int(os.environ.get("FLEXWORKER_PROPERTY_EXAMPLES", "200"))
     ],
     cuts=[],
     downtimes=[],
+    poisoned=0,
+    host_ahead_ms=0,
+    from_api_clock=False,
+)
+# Found by this test: the oldest transaction could not be read, and the windows walk that needs
+# it found no start and walked nothing.
+@example(
+    seed=0,
+    initial=1,
+    schedule=[(1, 4, 0), (1, 12, 0), (1, 0, 0), (1, 4, 0), (1, 12, 0), (1, 12, 0)],
+    cuts=[],
+    downtimes=[],
+    poisoned=1,
+    host_ahead_ms=0,
+    from_api_clock=False,
 )
 def test_delivered_equals_ground_truth(
     seed: int,
@@ -187,26 +224,57 @@ def test_delivered_equals_ground_truth(
     schedule: list[Step],
     cuts: list[int],
     downtimes: list[list[tuple[int, int]]],
+    poisoned: int,
+    host_ahead_ms: int,
+    from_api_clock: bool,
 ) -> None:
+    """Delivered == ground truth, however cycles are cut, the clocks disagree or items are bad.
+
+    ``from_api_clock``: no ``--since``; the first start takes the API's clock, after the
+    initial traffic, so only what comes later is due.
+    """
     clock = ManualClock()
-    since = clock() - timedelta(milliseconds=1)
     sim = Simulator(SimConfig(seed=seed, rate_limits=None, page_cap=PAGE_CAP, clock=clock))
     for _ in range(initial):
         clock.advance(1)
         sim.traffic.step(1)
-    delivered, api = asyncio.run(
-        deliver_all(sim, clock, list(schedule), since, cuts=cuts, downtimes=downtimes)
+    since = None if from_api_clock else datetime(2026, 6, 1, tzinfo=UTC) - timedelta(milliseconds=1)
+    sink, api = asyncio.run(
+        deliver_all(
+            sim,
+            clock,
+            list(schedule),
+            since,
+            cuts=cuts,
+            downtimes=downtimes,
+            poisoned=poisoned,
+            host_ahead_ms=host_ahead_ms,
+        )
     )
+    delivered = sink.delivered
+    started = api.first_answer_at
+    assert started is not None
     truth = [event_key(t.transaction_id, t.transition, t.created_at) for t in sim.transition_log]
     made_down = sum(n for downtime in downtimes for _, n in downtime)
     assert len(truth) == initial + sum(n for _, n, _ in schedule) + made_down
     assert len(set(truth)) == len(truth)
-    # Every transition of a transaction that still exists is delivered, once; of one deleted
-    # before the poller saw it, nothing can be; nothing is made up.
-    alive = [t for t in sim.transition_log if t.transaction_id not in api.deleted]
-    alive_keys = {event_key(t.transaction_id, t.transition, t.created_at) for t in alive}
+    # Every transition due of a transaction that still exists and can be read is delivered, once;
+    # of one deleted before the poller saw it, nothing can be; of a bad one, nothing is; nothing
+    # is made up.
+    due = [
+        t
+        for t in sim.transition_log
+        if t.transaction_id not in api.deleted | api.poisoned
+        and (since is not None or t.created_at > started)
+    ]
+    due_keys = {event_key(t.transaction_id, t.transition, t.created_at) for t in due}
     assert len(delivered) == len(set(delivered))
-    assert alive_keys <= set(delivered) <= set(truth)
+    assert due_keys <= set(delivered) <= set(truth)
+    if from_api_clock:
+        assert all(int(key.rsplit("/", 1)[1]) > to_ms(started) - 1000 * LOOKBACK_S for key in delivered)
+    # A bad transaction is recorded and skipped, never a stall.
+    read_poisoned = {UUID(resource_id) for _, resource_id, _ in sink.skipped}
+    assert read_poisoned <= api.poisoned
     assert api.reads >= 1
 
 
@@ -216,6 +284,7 @@ def test_a_transaction_that_keeps_moving_is_caught() -> None:
     since = clock() - timedelta(milliseconds=1)
     sim = Simulator(SimConfig(seed=11, rate_limits=None, page_cap=PAGE_CAP, clock=clock))
     sim.traffic.step(30)
-    delivered, _ = asyncio.run(deliver_all(sim, clock, [(0, 0, 0)] + [(1000, 3, 0)] * 9, since))
+    sink, _ = asyncio.run(deliver_all(sim, clock, [(0, 0, 0)] + [(1000, 3, 0)] * 9, since))
+    delivered = sink.delivered
     truth = [event_key(t.transaction_id, t.transition, t.created_at) for t in sim.transition_log]
     assert sorted(delivered) == sorted(truth)

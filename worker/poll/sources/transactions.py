@@ -343,11 +343,16 @@ class TransactionsSource:
     async def _plan_windows(self, plan: _Plan) -> list[_Window]:
         """``createdAt`` windows over every transaction, each planned to hold a share of the cap."""
         oldest = await self._api.transactions_query(page=1, per_page=1, sort=["-createdAt"])
-        self._api_ms_seen = max(self._api_ms_seen, api_time_ms(oldest) or 0)
         plan.pages += 1
-        if not oldest.data:
+        if oldest.received and not oldest.data:
+            # The oldest cannot be read: the oldest readable one is on the first full page.
+            oldest = await self._api.transactions_query(page=1, per_page=self._per_page, sort=["-createdAt"])
+            plan.pages += 1
+        self._api_ms_seen = max(self._api_ms_seen, api_time_ms(oldest) or 0)
+        if not oldest.received:
             return []
-        start_ms = to_ms(oldest.data[0].attributes.created_at)
+        # With a whole page unreadable, start at the beginning of time: splitting finds the rest.
+        start_ms = min((to_ms(tx.attributes.created_at) for tx in oldest.data), default=0)
         whole = _Window(start_ms, None, plan.total or oldest.meta.total_items or self._page_cap + 1)
         return self._split(whole, whole.estimate, shrink=False, now_ms=self._now_ms(plan))
 
