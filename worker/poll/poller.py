@@ -117,7 +117,8 @@ class _Sink:
         if cursor is not None:
             self.cursor = cursor
         self.checkpoints += 1
-        if self._should_stop():
+        # A save that clears the resume record ends the cycle: nothing is left to stop.
+        if resume is not None and self._should_stop():
             raise CycleStopped
 
     def progress(self, progress: CycleProgress) -> None:

@@ -120,7 +120,8 @@ class Sink(Protocol):
 
         Raises :class:`~worker.errors.LeaseLostError` or
         :class:`~worker.errors.CursorChangedError` (nothing written), or
-        :class:`CycleStopped` (written) when the run must stop here.
+        :class:`CycleStopped` (written) when the run must stop here — except after a
+        save with ``resume=None``, which ends the cycle.
         """
         ...
 

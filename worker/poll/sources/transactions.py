@@ -81,19 +81,20 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, Unpack
+from typing import Any
 from uuid import UUID
 
 from pydantic import ValidationError
 
 from worker.api.client import TransactionFilters
 from worker.api.models import Page, Transaction
+from worker.api.walk import TransactionPages
 from worker.errors import FlexworkerError, ResourceError
 from worker.events import SourceName, TransitionEvent, events_from_transaction, from_ms, to_ms
 from worker.poll.cursor import SourceState
 from worker.poll.sources import HANDOFF_MARGIN, CycleProgress, CycleReport, Sink, api_time_ms, skip_reason
 
-__all__ = ["HISTORY_WINDOW", "RECENT_CAPACITY", "WINDOW_FILL", "TransactionPages", "TransactionsSource"]
+__all__ = ["HISTORY_WINDOW", "RECENT_CAPACITY", "WINDOW_FILL", "TransactionsSource"]
 
 #: How far behind the threshold a transaction's history is emitted at least (see the module docstring).
 HISTORY_WINDOW = timedelta(hours=1)
@@ -103,18 +104,6 @@ WINDOW_FILL = 0.8
 RECENT_CAPACITY = 2_000
 _HISTORY_MS = int(HISTORY_WINDOW.total_seconds() * 1000)
 _HANDOFF_MS = int(HANDOFF_MARGIN.total_seconds() * 1000)
-
-
-class TransactionPages(Protocol):
-    """The part of :class:`~worker.api.client.IntegrationClient` this source uses."""
-
-    async def transactions_query(
-        self,
-        *,
-        page: int | None = None,
-        per_page: int | None = None,
-        **filters: Unpack[TransactionFilters],
-    ) -> Page[Transaction]: ...
 
 
 @dataclass
