@@ -16,6 +16,7 @@ from worker.api.client import TransactionFilters
 from worker.api.models import Page, PageMeta, Transaction
 from worker.errors import ServerError
 from worker.events import event_key, to_ms
+from worker.poll.cursor import SourceState
 from worker.poll.sources.transactions import TransactionsSource
 
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
@@ -227,3 +228,19 @@ def test_a_cycle_that_starts_with_no_cursor_from_an_empty_marketplace_starts_at_
     asyncio.run(source(listing, start_at=None).cycle(sink.state, sink))
     assert sink.delivered == [event_key(UUID(int=1), "transition/inquire", T0)]
     assert sink.state.cursor == to_ms(T0)
+
+
+async def test_the_carried_reach_never_goes_back_past_the_seen_retention() -> None:
+    # A reach carried from long ago (busy, many-page cycles) would re-queue transitions whose
+    # seen records have expired: history_reach_s bounds it.
+    now = T0 + timedelta(days=10)
+    listing = Listing()
+    listing.put(make_tx(1, [T0, now - timedelta(minutes=30), now]))
+    state = SourceState(cursor=to_ms(now), floor=to_ms(T0), previous=to_ms(T0))
+    sink = MemorySink(state)
+    cycle = source(listing, start_at=None, clock=lambda: now, history_reach_s=3600).cycle(sink.state, sink)
+    await cycle
+    assert sorted(key.split("/")[1] + "/" + key.split("/")[2] for key in sink.delivered) == [
+        "transition/confirm-payment",
+        "transition/request-payment-after-inquiry",
+    ]

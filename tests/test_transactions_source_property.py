@@ -206,6 +206,31 @@ EXAMPLES = int(os.environ.get("FLEXWORKER_PROPERTY_EXAMPLES", "200"))
     host_ahead_ms=0,
     from_api_clock=False,
 )
+# Found by this test (issue 8 C): a cycle cut short, then 65 minutes of traffic while no poller
+# ran; the catch-up stepped over a transaction whose older transitions were older than its
+# threshold minus an hour, but newer than the previous cycle's threshold.
+@example(
+    seed=168,
+    initial=5,
+    schedule=[(1, 1, 0)],
+    cuts=[1, 2],
+    downtimes=[[(1, 2)], [(1_200_000, 6), (2_700_000, 6)], [(1, 3)]],
+    poisoned=0,
+    host_ahead_ms=0,
+    from_api_clock=False,
+)
+# Found by this test: a transaction dodged two cycles in a row (it moved during each walk), with
+# 65 minutes of downtime between them; the previous threshold alone no longer reached back.
+@example(
+    seed=249,
+    initial=25,
+    schedule=[(1, 6, 0), (1, 4, 0), (1, 0, 0), (1, 1, 0), (1, 5, 0)],
+    cuts=[],
+    downtimes=[[(1, 4), (1, 6), (1, 6), (60_000, 1)], [(1_200_000, 0), (2_700_000, 4)]],
+    poisoned=0,
+    host_ahead_ms=0,
+    from_api_clock=False,
+)
 # Found by this test: the oldest transaction could not be read, and the windows walk that needs
 # it found no start and walked nothing.
 @example(

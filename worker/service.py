@@ -89,6 +89,8 @@ def build_poller(
             start_at=since,
             include=settings.include,
             page_cap=settings.api_page_cap,
+            # An hour inside the seen retention: emitting further back could queue an event twice.
+            history_reach_s=settings.seen_retention_s - 3600,
         )
     queue = EventQueue(
         redis_pool,

@@ -33,14 +33,19 @@ Why no transition can be missed:
   only for as long as it keeps doing so). The watermark must not be the newest time
   the cycle *saw*: a ``createdAt`` window walked late in the cycle can show a
   transaction that moved after the one we stepped over.
-  When cycle N+1 reads it, the older transitions lie behind N+1's threshold, but not
-  behind N's. So emission goes back to the *emission floor*: the lower of N's
-  threshold (kept beside the cursor as ``previous``) and N+1's threshold minus
-  :data:`HISTORY_WINDOW` (for a transaction that dodges several cycles in a row),
-  never before the start floor. A catch-up cycle can move the watermark by hours or
-  days; the previous threshold still reaches back to where the stepped-over
-  transaction was left. Everything queued since still has its seen record (the
-  retention is days), so going back costs Redis look-ups, not duplicates.
+  When a later cycle reads it, its older transitions lie behind that cycle's
+  threshold, but not behind N's. So emission goes back to the *emission floor*: the
+  lower of the threshold minus :data:`HISTORY_WINDOW` and the *reach* kept beside the
+  cursor (``previous``), never before the start floor. Only a cycle that reads more
+  than one page can step over anything (on a single page nothing is read after the
+  head), so a single-page cycle leaves its own threshold as the reach, and a longer
+  one carries its emission floor on: however many cycles a transaction dodges in a
+  row, and however long the downtime between them (a catch-up moves the watermark
+  by hours or days), the floor still reaches back to the cycle that first stepped
+  over it. Everything queued since still has its seen record, so going back costs
+  Redis look-ups, not duplicates; to keep it so, the carried reach never goes back
+  further than ``history_reach_s`` before the API's clock (the service sets it an
+  hour inside the seen retention).
 * Ties: many transitions may share a millisecond. The comparison is strict against
   ``watermark - lookback`` with ``lookback > 0``, so the watermark's own millisecond
   is always read again.
@@ -187,6 +192,7 @@ class TransactionsSource:
         per_page: int = 100,
         page_cap: int = 10_000,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        history_reach_s: float | None = None,
     ) -> None:
         if lookback_s <= 0:
             raise ValueError("lookback_s must be > 0: the watermark's millisecond must be read again")
@@ -197,6 +203,7 @@ class TransactionsSource:
         self._per_page = per_page
         self._page_cap = page_cap
         self._clock = clock
+        self._history_reach_ms = None if history_reach_s is None else int(history_reach_s * 1000)
         #: the newest API time seen (``Date``), to bound the open window when splitting it.
         self._api_ms_seen = 0
 
@@ -220,8 +227,7 @@ class TransactionsSource:
                 # Pin the start before walking: a first cycle that fails must not slide it.
                 floor_ms = threshold_ms if floor_ms is None else floor_ms
                 await sink.save(cursor=watermark_ms, floor=floor_ms)
-            previous_ms = state.previous if state.previous is not None else threshold_ms
-            reach_ms = min(threshold_ms - _HISTORY_MS, previous_ms)
+            reach_ms = min(threshold_ms - _HISTORY_MS, self._carried_reach_ms(state, threshold_ms))
             plan = _Plan(
                 watermark_ms=watermark_ms,
                 threshold_ms=threshold_ms,
@@ -229,8 +235,20 @@ class TransactionsSource:
             )
         await self._walk(plan, sink, first_page)
         cursor = max(plan.watermark_ms, plan.head_ms if plan.head_ms is not None else plan.watermark_ms)
-        await sink.save(cursor=cursor, previous=plan.threshold_ms, resume=None)
+        # A cycle of one page stepped over nothing: its threshold is reach enough for the next.
+        reach_ms = plan.threshold_ms if plan.pages <= 1 else min(plan.threshold_ms, plan.emit_floor_ms)
+        await sink.save(cursor=cursor, previous=reach_ms, resume=None)
         return CycleReport(cursor=cursor, events=plan.events, pages=plan.pages)
+
+    def _carried_reach_ms(self, state: SourceState, threshold_ms: int) -> int:
+        """How far back the cycles before this one need emission to go (see the module docstring)."""
+        reach_ms = state.previous if state.previous is not None else threshold_ms
+        if self._history_reach_ms is not None:
+            # Older seen records may have expired: going back further could queue an event twice.
+            # (The bound is an hour inside the retention, far more than two clocks disagree by.)
+            now_ms = max(self._api_ms_seen, to_ms(self._clock()))
+            reach_ms = max(reach_ms, now_ms - self._history_reach_ms)
+        return reach_ms
 
     async def _walk(self, plan: _Plan, sink: Sink, first_page: Page[Transaction] | None) -> None:
         if plan.windows is None:
