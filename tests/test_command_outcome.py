@@ -10,9 +10,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from tests.fakes import FakeApi, error_response, json_response, transaction_doc
+from worker.errors import CommandOutcomeUnknownError
 from worker.plugin import HandlerContext, RetryPolicy, handler
 from worker.testing import Deliver, make_event
 
@@ -120,3 +122,32 @@ async def test_a_step_raised_from_an_unknown_outcome_stays_uncertain(deliver: De
     assert calls == [1]
     assert market.applied == [ACCEPT]
     assert [e.split(":")[0] for e in outcome.errors] == ["RuntimeError", "StepUncertainError"]
+
+
+def _unknown() -> CommandOutcomeUnknownError:
+    return CommandOutcomeUnknownError("Integration API answered 504; the command may have taken effect")
+
+
+def _raised_while_handling() -> BaseException:
+    try:
+        try:
+            raise _unknown()
+        except CommandOutcomeUnknownError:
+            raise RuntimeError("accepting failed")  # noqa: B904 - as a handler might
+    except RuntimeError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _raised_while_handling,
+        lambda: ExceptionGroup("task group", [ValueError("other task"), _unknown()]),
+    ],
+    ids=["re-raised without from", "in an exception group"],
+)
+def test_an_unknown_outcome_is_seen_however_it_is_wrapped(make: Any) -> None:
+    from worker.deliver.idempotency import _outcome_unknown
+
+    assert _outcome_unknown(make())
+    assert not _outcome_unknown(RuntimeError("surely failed"))

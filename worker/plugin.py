@@ -307,10 +307,10 @@ class HandlerContext:
         If ``fn`` raises, nothing is stored and a retry calls it again (pass
         :meth:`idempotency_key` to the remote side so a repeat is harmless). If an
         attempt ends while ``fn`` runs (the worker dies, the handler's timeout cancels
-        it), or ``fn`` raises :class:`~worker.errors.CommandOutcomeUnknownError` (or
-        an exception raised from one), the step is *uncertain*: the next attempt
-        calls ``if_uncertain()``, which returns the result if the side effect did
-        happen, or None if it did not (then ``fn`` runs). Without ``if_uncertain`` it
+        it), or ``fn`` raises :class:`~worker.errors.CommandOutcomeUnknownError` (or an
+        exception raised from it, or while handling it, or a group holding it), the step
+        is *uncertain*: the next attempt calls ``if_uncertain()``, which returns the
+        result if the side effect did happen, or None if it did not (then ``fn`` runs). Without ``if_uncertain`` it
         raises :class:`StepUncertainError` and the event is dead-lettered for a
         person to decide.
         """

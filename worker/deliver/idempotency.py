@@ -369,12 +369,22 @@ class RecordedSteps:
 
 
 def _outcome_unknown(exc: BaseException) -> bool:
-    """Whether ``exc`` is, or was raised from, a command whose outcome is unknown."""
+    """Whether ``exc`` is, or came out of, a command whose outcome is unknown.
+
+    "Came out of": raised from it or while handling it (``__cause__``, ``__context__``), or
+    grouped with it (an ``ExceptionGroup`` from a ``TaskGroup``). Erring towards uncertain
+    costs a look with ``if_uncertain``; erring the other way sends a command twice.
+    """
     seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, CommandOutcomeUnknownError):
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, CommandOutcomeUnknownError):
             return True
-        seen.add(id(cause))
-        cause = cause.__cause__
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
     return False
