@@ -310,9 +310,9 @@ class HandlerContext:
         it), or ``fn`` raises :class:`~worker.errors.CommandOutcomeUnknownError` (or an
         exception raised from it, or while handling it, or a group holding it), the step
         is *uncertain*: the next attempt calls ``if_uncertain()``, which returns the
-        result if the side effect did happen, or None if it did not (then ``fn`` runs). Without ``if_uncertain`` it
-        raises :class:`StepUncertainError` and the event is dead-lettered for a
-        person to decide.
+        result if the side effect did happen, or None if it did not (then ``fn`` runs).
+        Without ``if_uncertain`` it raises :class:`StepUncertainError` and the event is
+        dead-lettered for a person to decide.
         """
         return cast(T, await self.steps.run(name, fn, if_uncertain))
 
