@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from redis.asyncio import Redis
 
 from worker.errors import CursorChangedError, LeaseLostError
@@ -30,6 +31,8 @@ from worker.events import SourceName
 from worker.queue.keys import Keys
 
 __all__ = ["CursorStore", "SourceState"]
+
+log = structlog.get_logger("flexworker.poll")
 
 #: KEYS: lease, cursor, floor, state. ARGV: token, generation, cursor, floor, then field/value pairs.
 #: An empty cursor or floor leaves it; an empty field value deletes the field.
@@ -78,6 +81,41 @@ def _int(value: bytes | str | None) -> int | None:
     return None if value is None else int(value)
 
 
+def _decoded(fields: dict[Any, Any]) -> dict[str, Any]:
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
+
+
+def _resume(source: SourceName, raw: bytes | None) -> dict[str, Any] | None:
+    """The resume record, or None for one that is not a JSON object (a downgrade, a hand edit)."""
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        log.warning("unreadable resume record ignored; the cycle starts afresh", source=source)
+        return None
+    return record
+
+
+def _handoff(other: SourceName, cursor: int | None, floor: int | None, fields: dict[str, Any]) -> int | None:
+    """The time (ms) the other source had read everything up to, for a first start after a switch.
+
+    For the transactions source that is not its watermark but the lowest point its emission
+    still had to reach back to (a transaction it stepped over may have transitions there): the
+    reach it keeps, or the floor of a cycle in progress.
+    """
+    if other == "events":
+        return _int(fields.get("at")) or floor
+    points = [cursor, _int(fields.get("previous"))]
+    resume = _resume(other, fields.get("resume"))
+    if resume is not None and isinstance(resume.get("emit_floor_ms"), int):
+        points.append(resume["emit_floor_ms"])
+    known = [point for point in points if point is not None]
+    return min(known) if known else floor
+
+
 class CursorStore:
     """Read and write the per-source progress of one namespace."""
 
@@ -101,21 +139,19 @@ class CursorStore:
             pipe.get(cursor_key)
             pipe.get(floor_key)
             pipe.hgetall(state_key)
-            # How far the other source got: the transactions watermark, or the events source's time.
-            pipe.get(self.key(other) if other == "transactions" else self.floor_key(other))
-            pipe.hget(self._keys.cursor_state(other), "at")
-            cursor, floor, fields, other_time, other_at = await pipe.execute()
-        fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
-        resume = fields.get("resume")
-        handoff = _int(other_time) if other == "transactions" else _int(other_at or other_time)
+            pipe.get(self.key(other))
+            pipe.get(self.floor_key(other))
+            pipe.hgetall(self._keys.cursor_state(other))
+            cursor, floor, fields, other_cursor, other_floor, other_fields = await pipe.execute()
+        fields = _decoded(fields)
         return SourceState(
             cursor=_int(cursor),
             floor=_int(floor),
             previous=_int(fields.get("previous")),
-            resume=json.loads(resume) if resume else None,
+            resume=_resume(source, fields.get("resume")),
             at=_int(fields.get("at")),
             generation=_int(fields.get("generation")) or 0,
-            handoff=handoff,
+            handoff=_handoff(other, _int(other_cursor), _int(other_floor), _decoded(other_fields)),
         )
 
     async def get(self, source: SourceName) -> int | None:

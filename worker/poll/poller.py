@@ -78,7 +78,8 @@ class _Sink:
         self.cursor = state.cursor
         self.events = 0
         self.checkpoints = 0
-        self.left: int | None = None
+        #: the source's last word on how far it is (pages read, transactions left).
+        self.last_progress: CycleProgress | None = None
 
     async def emit(self, events: Sequence[TransitionEvent]) -> int:
         created = await self._poller._queue.enqueue(events)
@@ -122,7 +123,7 @@ class _Sink:
             raise CycleStopped
 
     def progress(self, progress: CycleProgress) -> None:
-        self.left = progress.left
+        self.last_progress = progress
         if self._watcher is not None:
             self._watcher(progress)
         elif progress.part_done:
@@ -195,13 +196,15 @@ class Poller:
         try:
             report = await self.source.cycle(state, sink)
         except CycleStopped:
+            last = sink.last_progress
             report = CycleReport(
                 cursor=sink.cursor,
                 events=sink.events,
-                pages=sink.checkpoints,
+                # The events source reports no progress; it saves once a page.
+                pages=last.pages if last is not None else sink.checkpoints,
                 more=True,
                 complete=False,
-                left=sink.left,
+                left=last.left if last is not None else None,
             )
         self.stats.cycles += 1
         self.stats.last_report = report

@@ -37,7 +37,7 @@ import structlog
 from pydantic import ValidationError
 
 from worker.api.models import Event, Page, Transaction
-from worker.errors import NotFoundError, ResourceError
+from worker.errors import DecodeError, NotFoundError, ResourceError
 from worker.events import SourceName, TransitionEvent, event_from_api_event, from_ms, to_ms
 from worker.poll.cursor import SourceState
 from worker.poll.sources import HANDOFF_MARGIN, CycleReport, Sink, api_time_ms, skip_reason
@@ -158,8 +158,9 @@ class EventsSource:
         assert self._fetch_related is not None
         try:
             return await self._fetch_related(transaction_id)
-        except NotFoundError:
-            # Deleted since its event: the transition happened all the same; it goes on without them.
+        except (NotFoundError, DecodeError):
+            # Deleted since its event, or no longer readable: the transition happened all the same;
+            # it goes on without them.
             log.info(
                 "transaction gone; event goes on without related resources", transaction=str(transaction_id)
             )

@@ -89,6 +89,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import structlog
 from pydantic import ValidationError
 
 from worker.api.client import TransactionFilters
@@ -108,6 +109,8 @@ WINDOW_FILL = 0.8
 #: How many recently read transactions a cycle remembers.
 RECENT_CAPACITY = 2_000
 _HISTORY_MS = int(HISTORY_WINDOW.total_seconds() * 1000)
+
+log = structlog.get_logger("flexworker.poll")
 _HANDOFF_MS = int(HANDOFF_MARGIN.total_seconds() * 1000)
 
 
@@ -150,14 +153,32 @@ class _Plan:
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> _Plan | None:
         """The plan a checkpoint holds; None for one this version cannot read (start afresh)."""
-        data = dict(record)
         try:
+            data = dict(record)
             windows = data.pop("windows")
             plan = cls(**data)
             plan.windows = None if windows is None else [_Window(**w) for w in windows]
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, ValueError):
             return None
-        return plan
+        return plan if plan._well_typed() else None
+
+    def _well_typed(self) -> bool:
+        def whole(*values: object) -> bool:
+            return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+        def whole_or_none(*values: object) -> bool:
+            return all(v is None or whole(v) for v in values)
+
+        numbers = (self.watermark_ms, self.threshold_ms, self.emit_floor_ms, self.frontier, self.newest_ms)
+        windows_ok = self.windows is None or (
+            isinstance(self.windows, list)
+            and all(whole(w.start_ms, w.estimate) and whole_or_none(w.end_ms) for w in self.windows)
+        )
+        return (
+            whole(*numbers, self.pages, self.events)
+            and whole_or_none(self.head_ms, self.total)
+            and windows_ok
+        )
 
     @property
     def threshold(self) -> datetime:
@@ -210,6 +231,8 @@ class TransactionsSource:
     async def cycle(self, state: SourceState, sink: Sink) -> CycleReport:
         first_page: Page[Transaction] | None = None
         plan = _Plan.from_json(state.resume) if state.resume is not None else None
+        if plan is None and state.resume is not None:
+            log.warning("resume record of another version ignored; the cycle starts afresh")
         if plan is None:
             watermark_ms, floor_ms = state.cursor, state.floor
             if watermark_ms is None:
