@@ -211,8 +211,10 @@ async def test_a_cycle_remembers_a_bounded_number_of_transactions() -> None:
         finally:
             tracemalloc.stop()
 
+    # Four times the transactions: a set of every key read would grow by ~1.5 MB (about 160
+    # bytes a key) over a peak of well under 1 MB; what a cycle keeps is bounded instead.
     small, large = await peak_bytes(3_000), await peak_bytes(12_000)
-    assert large < small * 1.3, (small, large)
+    assert large < small * 2, (small, large)
 
 
 async def _count_only(events: Any) -> int:
