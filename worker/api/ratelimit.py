@@ -143,7 +143,9 @@ class TokenBucket:
             return False
         try:
             async with self._turn:
-                if (wait_s := ready_at_s - self._clock()) > 0:
+                # Asked again after each sleep: a sleep may end a hair early, and a request sent
+                # before its token is there is one the server may refuse.
+                while (wait_s := ready_at_s - self._clock()) > 0:
                     await sleep(wait_s)
         except asyncio.CancelledError:
             # Never used: give the tokens back so the takers after us are not held up.
