@@ -22,6 +22,7 @@ from uuid import UUID
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.dodge_kit import Clock as ManualClock
 from tests.memory_sink import Crash, MemorySink
 from worker.api import wire
 from worker.api.client import TransactionFilters, encode_params, transaction_query_params
@@ -35,17 +36,6 @@ from worker.sim import query as simquery
 PER_PAGE = 5
 PAGE_CAP = 15
 LOOKBACK_S = 0.5
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 6, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, ms: int) -> None:
-        self.now += timedelta(milliseconds=ms)
 
 
 #: One step before a page read: milliseconds to move the clock, transitions to make, transactions to delete.
