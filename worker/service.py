@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -18,7 +20,9 @@ import aiohttp
 import redis
 import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.worker import Worker
 
+from worker.api.backoff import Backoff
 from worker.api.client import IntegrationClient
 from worker.api.models import Transaction
 from worker.deliver.delivery import Delivery
@@ -178,27 +182,80 @@ async def run_worker(
         started_handlers(loaded),
     ):
         delivery = Delivery(redis_pool, settings, loaded, client=client, http=http, rng=rng)
-        worker = build_worker(settings, redis_pool, delivery)
-        task = asyncio.create_task(worker.async_run())
-        stopper = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-            # Stop taking jobs, give running attempts a moment to settle, then cancel the rest
-            # (a cancelled attempt is given back and runs again later).
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            running = [t for t in worker.tasks.values() if not t.done()]
-            if running:
-                await asyncio.wait(running, timeout=SHUTDOWN_GRACE_S)
+        while True:
+            worker = build_worker(settings, redis_pool, delivery)
             try:
-                await worker.close()
+                await _run_arq_worker(worker, stop)
+                return
+            except (redis.RedisError, OSError) as exc:
+                # Redis went away under the worker: wait for it, then start a fresh arq worker on the
+                # same pool. Queued jobs are in Redis; the ones that were running run again.
+                await _wait_for_redis(redis_pool, stop, exc, limit_s=settings.redis_outage_limit_s)
+                if stop.is_set():
+                    return
+
+
+async def _run_arq_worker(worker: Worker, stop: asyncio.Event) -> None:
+    """Run ``worker`` until ``stop``; raise what ended it early (a Redis failure, say)."""
+    task = asyncio.create_task(worker.async_run())
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        # Stop taking jobs, give running attempts a moment to settle, then cancel the rest
+        # (a cancelled attempt is given back and runs again later).
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, redis.RedisError, OSError):
+            await task
+        running = [t for t in worker.tasks.values() if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=SHUTDOWN_GRACE_S)
+        if stop.is_set():
+            try:
+                await worker.close()  # closes the pool too: only when the worker is done for good
             except asyncio.CancelledError:
                 # close() re-raises the cancellation of a job it cancelled; ours must go on.
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise StoreError(f"worker stopped: {task.exception()}")
+        else:
+            for job in worker.tasks.values():
+                job.cancel()
+    if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+        if isinstance(exc, redis.RedisError | OSError):
+            raise exc
+        raise StoreError(f"worker stopped: {exc}") from exc
+
+
+async def _wait_for_redis(
+    redis_pool: ArqRedis, stop: asyncio.Event, error: BaseException, *, limit_s: float
+) -> None:
+    """Ping Redis with backoff until it answers; one warning now, one line when it is back.
+
+    Past ``limit_s`` the outage ends the worker with one clear :class:`StoreError`.
+    """
+    log = structlog.get_logger(__name__)
+    log.warning("Redis unreachable; the worker waits for it", error=type(error).__name__, limit_s=limit_s)
+    started_s = time.monotonic()
+    backoff = Backoff(base_s=0.2, cap_s=5.0, max_attempts=1)
+    rng = random.Random()
+    for attempt in itertools.count():
+        if stop.is_set():
+            return
+        try:
+            await redis_pool.ping()
+        except (redis.RedisError, OSError) as exc:
+            waited_s = time.monotonic() - started_s
+            if waited_s >= limit_s:
+                raise StoreError(
+                    f"Redis unreachable for {waited_s:.0f} s (FLEXWORKER_REDIS_OUTAGE_LIMIT_S={limit_s:g}): "
+                    f"{' '.join(str(exc).split())}"
+                ) from exc
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff.delay_s(attempt, rng) + 0.05)
+            continue
+        log.warning(
+            "Redis reachable again; the worker goes on", after_s=round(time.monotonic() - started_s, 1)
+        )
+        return
