@@ -97,7 +97,7 @@ async def test_failed_cycle_keeps_cursor_but_keeps_what_it_queued(arq_redis: Arq
     assert report.events == 2
     assert await arq_redis.zcard("p:queue") == 4
     assert await cursors.get("transactions") == 9_000
-    assert await cursors.get_floor("transactions") == 8_000
+    assert (await cursors.load("transactions")).floor == 8_000
     assert healthy.seen_cursors == [5_000]
 
 

@@ -157,10 +157,6 @@ class CursorStore:
     async def get(self, source: SourceName) -> int | None:
         return _int(await self._redis.get(self.key(source)))
 
-    async def get_floor(self, source: SourceName) -> int | None:
-        """The start floor the source fixed when it began (see the transactions source)."""
-        return _int(await self._redis.get(self.floor_key(source)))
-
     async def set(self, source: SourceName, value: int) -> None:
         """Operators only (``flexworker cursor set``): the floor and any cycle in progress start anew."""
         await self._operator_write(source, str(value))
