@@ -23,7 +23,7 @@ from worker.settings import Settings
 HANDLER_NAME = "kill-test"
 STEP = "effect"
 #: Long enough that the attempt is never cut short by its own timeout before the test kills it.
-TIMEOUT_S = 20.0
+TIMEOUT_S = 8.0
 
 
 def worker_settings(redis_url: str, namespace: str) -> Settings:

@@ -249,7 +249,6 @@ async def test_done_record_makes_redelivery_a_no_op(arq_redis: ArqRedis, redis_u
                     index=event.index,
                 )
             ],
-            pending_ttl_s=60,
         )
         await until(lambda: _counter(arq_redis, settings, "once", "skipped"), what="skipped")
     assert calls == [event.key]

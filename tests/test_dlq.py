@@ -293,7 +293,8 @@ async def test_cli_dlq_list_show_replay_purge(
     code, out, err = await flexworker("dlq", "replay", sample[1].id, env=env, cwd=tmp_path)
     assert (code, out.strip()) == (0, "replayed 1 dead letter"), err
     queued = [job.decode() for job in await arq_redis.zrange("flexworker:t:queue", 0, -1)]
-    assert len(queued) == 1 and queued[0].startswith(f"{sample[1].job_id}:replay:")
+    # The replay's job: the handler's own job id (namespaced) and when it was replayed.
+    assert len(queued) == 1 and queued[0].startswith(f"flexworker:t:{sample[1].job_id}:replay:")
 
     code, out, err = await flexworker("dlq", "purge", "--all", "--handler", "sms", env=env, cwd=tmp_path)
     assert (code, out.strip()) == (0, "purged 1 dead letter"), err

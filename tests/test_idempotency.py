@@ -11,9 +11,11 @@ from arq.connections import ArqRedis
 from tests.delivery_kit import enqueue, events, make_settings, stats, until, worker
 from worker.deliver.dlq import DeadLetters
 from worker.deliver.idempotency import DeliveryRecords
+from worker.deliver.scripts import Claim, DeliveryScripts, Settlement
 from worker.errors import RetryLater
 from worker.plugin import HandlerContext, RetryPolicy, handler
 from worker.queue.keys import Keys
+from worker.queue.ordering import Ordering
 
 QUICK = RetryPolicy(max_attempts=3, base_s=0.01, cap_s=0.02, timeout_s=5)
 
@@ -26,27 +28,57 @@ async def _settled(redis: ArqRedis, settings: Any, name: str) -> bool:
 async def test_claims_count_attempts_and_respect_other_holders(arq_redis: ArqRedis) -> None:
     keys = Keys("t")
     records = DeliveryRecords(arq_redis, keys, retention_s=3600, clock=lambda: 1_000.0)
-    first = await records.claim("crm", "ev", "job-a", lease_s=30, queue_name="t:queue")
+    scripts = DeliveryScripts(
+        arq_redis, keys, Ordering(arq_redis, keys, queue_name="t:queue"), retention_s=3600
+    )
+
+    async def claim(token: str) -> Claim:
+        (answer,) = await scripts.claim(
+            [("crm", 30)],
+            event_key="ev",
+            transaction_id="tx",
+            index=0,
+            token=token,
+            own_job_id=token.split("#")[0],
+            mode="handler",
+            record_now_ms=1_000_000,
+        )
+        return answer
+
+    first = await claim("job-a#1")
     assert (first.state, first.attempt) == ("claimed", 1)
-    # Another job for the same delivery waits while the claim lives.
-    busy = await records.claim("crm", "ev", "job-b", lease_s=30, queue_name="t:queue")
+    # Another run for the same delivery waits while the claim lives, a re-run of the same job
+    # (its worker died: arq's try count moved on) included.
+    busy = await claim("job-b#1")
     assert busy.state == "busy" and 29 < busy.busy_for_s <= 30
-    # A re-run of the same job (its worker died) takes over at once: a new attempt.
-    again = await records.claim("crm", "ev", "job-a", lease_s=30, queue_name="t:queue")
+    assert (await claim("job-a#2")).state == "busy"
+    # The same run asking again (a lost reply) keeps its claim: a new attempt is counted.
+    again = await claim("job-a#1")
     assert (again.state, again.attempt) == ("claimed", 2)
     # An attempt cancelled by a stopping worker is given back.
-    await records.unclaim("crm", "ev", "job-a")
-    third = await records.claim("crm", "ev", "job-b", lease_s=30, queue_name="t:queue")
+    await scripts.unclaim("crm", "ev", "job-a#1")
+    third = await claim("job-b#1")
     assert (third.state, third.attempt) == ("claimed", 2)
-    async with arq_redis.pipeline(transaction=True) as pipe:
-        records.settle_in(pipe, "crm", "ev", "job-b", "done")
-        await pipe.execute()
-    assert (await records.claim("crm", "ev", "job-c", lease_s=30, queue_name="t:queue")).state == "done"
+    settle = {
+        "event_key": "ev",
+        "transaction_id": "tx",
+        "index": 0,
+        "token": "job-b#1",
+        "own_job_id": "job-b",
+        "record_now_ms": 1_000_000,
+    }
+    assert await scripts.settle([Settlement("crm", "done")], **settle) == [True]  # type: ignore[arg-type]
+    # A repeat of the same settle (its reply was lost) changes and counts nothing.
+    assert await scripts.settle([Settlement("crm", "done")], **settle) == [False]  # type: ignore[arg-type]
+    done = await claim("job-c#1")
+    assert (done.state, done.own) == ("done", False)
+    assert (await claim("job-b#2")).own  # settled by this very job
     record = await records.read("crm", "ev")
     assert (record.status, record.attempts) == ("done", 2)
     assert record.first_attempt_at is not None and record.first_attempt_at.timestamp() == 1_000.0
     assert not await arq_redis.exists(keys.claim("crm", "ev"))
     assert 3590 < await arq_redis.ttl(keys.delivery("crm", "ev")) <= 3600
+    assert await arq_redis.hgetall(keys.stats("crm")) == {b"done": b"1"}  # type: ignore[misc]
 
 
 async def test_step_result_is_returned_on_retry(arq_redis: ArqRedis, redis_url: str) -> None:

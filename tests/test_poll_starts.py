@@ -52,7 +52,9 @@ async def poll_once(harness: Harness, source: SourceName, **kw: Any) -> None:
 async def queued(harness: Harness) -> set[str]:
     client = aioredis.Redis.from_url(harness.redis_url)
     try:
-        return {key.decode() for key in await client.zrange("flexworker:test:queue", 0, -1)}
+        # Job ids are the namespace prefix and the event key.
+        jobs = await client.zrange("flexworker:test:queue", 0, -1)
+        return {job.decode().removeprefix("flexworker:test:") for job in jobs}
     finally:
         await client.aclose()
 

@@ -122,7 +122,7 @@ async def test_queue_enqueues_each_event_once(arq_redis: ArqRedis) -> None:
     # The same transitions again, plus one more: only the new one is queued.
     assert await queue.enqueue(events(3)) == 1
     assert await arq_redis.zcard("t:queue") == 3
-    queued = set(map(bytes.decode, await arq_redis.zrange("t:queue", 0, -1)))
+    queued = {job.decode().removeprefix("t:") for job in await arq_redis.zrange("t:queue", 0, -1)}
     assert queued == {e.key for e in events(3)}
 
 

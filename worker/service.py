@@ -27,7 +27,7 @@ from worker.api.client import IntegrationClient
 from worker.api.models import Transaction
 from worker.deliver.delivery import Delivery
 from worker.deliver.dlq import init_sentry
-from worker.deliver.runner import build_worker
+from worker.deliver.runner import build_worker, keep_alive
 from worker.errors import HandlerStartupError, StoreError
 from worker.events import SourceName
 from worker.poll.cursor import CursorStore
@@ -184,6 +184,7 @@ async def run_worker(
         delivery = Delivery(redis_pool, settings, loaded, client=client, http=http, rng=rng)
         while True:
             worker = build_worker(settings, redis_pool, delivery)
+            heartbeat = asyncio.create_task(keep_alive(worker, delivery))
             try:
                 await _run_arq_worker(worker, stop)
                 return
@@ -193,6 +194,10 @@ async def run_worker(
                 await _wait_for_redis(redis_pool, stop, exc, limit_s=settings.redis_outage_limit_s)
                 if stop.is_set():
                     return
+            finally:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
 
 
 async def _run_arq_worker(worker: Worker, stop: asyncio.Event) -> None:

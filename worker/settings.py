@@ -126,7 +126,6 @@ class Settings(BaseSettings):
         description="When set, the worker reports dead-lettered events to this Sentry project.",
     )
     worker_max_jobs: int = Field(default=10, ge=1, description="Jobs one worker runs at once.")
-    job_timeout_s: float = Field(default=300.0, gt=0, description="Longest a job may run.")
     redis_outage_limit_s: float = Field(
         default=300.0, gt=0, description="How long the worker waits out an unreachable Redis before it stops."
     )

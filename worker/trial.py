@@ -1,8 +1,8 @@
 """Run a handler on one event through the real job path, for a plugin's own tests.
 
 :class:`Deliver` starts an in-process worker with just that handler on a Redis
-(``worker.testing``'s private ``redis_url``), queues the handler's job exactly as
-the fan-out does, waits until the delivery settles and reports how: done, a no-op
+(``worker.testing``'s private ``redis_url``), queues the handler's own job exactly
+as a retry or a hand-over does, waits until the delivery settles and reports how: done, a no-op
 (already done), dead-lettered, or not subscribed at all. Everything is real —
 claims, attempts, backoff, ``ctx.step`` records, the dead-letter queue — except
 that the backoff waits are shortened to ``backoff_s`` (``RetryLater`` still waits
@@ -132,14 +132,13 @@ class Deliver:
                 await Ordering(pool, keys, queue_name=self.settings.queue_name).enqueue(
                     [
                         QueuedJob(
-                            job_id=f"{handler_job_id(event.key, name)}:trial-{run}",
+                            job_id=f"{handler_job_id(event.key, name, keys.prefix)}:trial-{run}",
                             function=HANDLER_JOB_FUNCTION,
                             args=(name, event.model_dump(mode="json")),
                             pending_key=keys.pending(name, event.transaction_id),
                             index=event.index,
                         )
                     ],
-                    pending_ttl_s=self.settings.idempotency_retention_s,
                 )
                 status = await self._settled(pool, keys, name, before, worker)
             finally:

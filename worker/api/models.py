@@ -107,9 +107,10 @@ class ApiModel(BaseModel):
         if not isinstance(data, dict):
             return data
         defaulted = _defaulted_keys(cls)
-        if not any(value is None and key in defaulted for key, value in data.items()):
-            return data
-        return {key: value for key, value in data.items() if not (value is None and key in defaulted)}
+        for key, value in data.items():  # a plain loop: this runs for every model of every event
+            if value is None and key in defaulted:
+                return {k: v for k, v in data.items() if not (v is None and k in defaulted)}
+        return data
 
 
 class Money(ApiModel):

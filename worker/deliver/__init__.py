@@ -1,9 +1,11 @@
-"""Running handlers on queued events: fan-out, retries, order, idempotency, dead letters.
+"""Running handlers on queued events: inline delivery, retries, order, idempotency, dead letters.
 
-- :mod:`~worker.deliver.runner` — the arq job functions and :func:`build_worker`
-- :mod:`~worker.deliver.delivery` — :class:`Delivery`: the fan-out, and one (event, handler) job
-  from claim to settle
-- :mod:`~worker.deliver.idempotency` — :class:`DeliveryRecords`: claims, done records, ``ctx.step``
+- :mod:`~worker.deliver.runner` — the arq job functions, :class:`FlexWorker`, the heartbeat
+- :mod:`~worker.deliver.delivery` — :class:`Delivery`: the event job and the handler job, and the
+  delivery's state machine (in its docstring)
+- :mod:`~worker.deliver.scripts` — the claim and settle scripts every state change goes through
+- :mod:`~worker.deliver.roster` — which handlers the live workers run (rolling deploys)
+- :mod:`~worker.deliver.idempotency` — :class:`DeliveryRecords`: records, replay resets, ``ctx.step``
 - :mod:`~worker.deliver.failures` — what a handler's exception means (transient or permanent)
 - :mod:`~worker.deliver.dlq` — :class:`DeadLetters`: the dead-letter queue and its reporting
 

@@ -1,28 +1,61 @@
-"""Delivering events to handlers: the fan-out, and one (event, handler) job from start to end.
+"""Delivering events to handlers: the event job, the handler job, and the state machine.
 
-The poller queues one fan-out job per event; :meth:`Delivery.fan_out` turns it into
-one job per enabled handler whose subscription matches, so a failing handler never
-re-runs another. :meth:`Delivery.deliver` runs one such job:
+The poller queues one **event job** per event. It delivers the event inline to
+every handler this worker runs whose subscription matches, concurrently, in one
+claim script and one settle script: close to one plain arq job per event. What
+cannot finish there goes on as a **handler job** for that one handler (a failing
+handler never re-runs another): a retry, a delivery that must wait for an earlier
+event of its transaction, or a handler that only another replica runs
+(:mod:`worker.deliver.roster`).
 
-1. A delivery already settled (done, or dead-lettered) is a no-op.
-2. If an earlier event of the transaction is still to be delivered to this handler,
-   the job is parked until that one settles, without using an attempt
-   (:mod:`worker.queue.ordering`).
-3. Claim the attempt (:mod:`worker.deliver.idempotency`); if another job holds a live claim
-   on the same delivery, re-defer until the claim ends. Steps 1-3 are one script.
-4. Run the handler under ``asyncio.timeout(retry.timeout_s)``.
-5. Success: mark done. Transient failure: record the error and re-defer by the
-   handler's backoff; on the last attempt, or for a permanent failure, dead-letter
-   (:mod:`worker.deliver.dlq`). Each of these settles in one Redis transaction together with
-   the pending entry's removal and the handler's counters.
+One (event, handler) delivery moves through these states; the record is
+``P:delivery:<handler>:<event key>`` (:mod:`worker.deliver.idempotency`), the scripts
+:mod:`worker.deliver.scripts`::
 
-Attempts are counted in the delivery record, not by arq's ``job_try``: waiting for
-order or for a claim re-runs the job without being an attempt, a replay starts the
-count again, and an attempt whose worker died still counts (so a handler that kills
-its worker ends in the dead-letter queue too). The arq job's own retry limit is set
-out of reach, so these rules alone decide. A stopping worker lets running attempts
-finish for a while, then cancels them; a cancelled attempt is given back and its job
-runs again later.
+    queued ──claim──> running ──settle done / skipped──> done
+       │                 │  └──settle dead────────────> dead ──replay──> queued
+       │                 └──settle retry──> deferred (retry_at; P:deferred) ──at retry_at──> queued
+       ├──an earlier event first──> parked (handler job, pending set) ──woken──> queued
+       ├──claim held by another run──> busy ──its lease ends──> queued
+       └──handler not run here──> handed back ──(another worker)──> queued
+
+- **queued**: in ``P:order:<tx>`` (event job) or ``P:pending:<handler>:<tx>`` (handler
+  job), with its arq job (no expiry).
+- **running**: claim script: ``P:claim`` set to the run's token ``<job id>#<arq try>``
+  with a lease of the handler's timeout plus a margin, ``attempts`` incremented,
+  ``run`` = token. The handler runs under its own ``asyncio.timeout``; arq's timeout
+  is set out of reach, so arq never cancels an attempt.
+- **done / dead**: settle script: ``status``, ``settled_by``, counters, the pending
+  entry removed, the next parked job woken; dead also writes ``P:dlq``.
+- **deferred**: settle script: ``error:<n>``, ``retry_at``, the handler job scored at
+  ``retry_at`` and in ``P:deferred``; a claim before ``retry_at`` re-scores it there.
+- **parked**: claim script: the job's score moved ahead, same script as the order
+  check; woken by the settle that removes its blocker. An event job is parked whole
+  while an earlier event's job has not settled (that blocks every handler alike; the
+  poller's enqueue parks it at once when the earlier one is already queued); a
+  handler job, while an earlier delivery to its handler is pending.
+
+Crash points (the worker killed, its reply lost, or cancelled):
+
+- before the claim: the arq job runs again (its in-progress key, renewed by the
+  worker's heartbeat, lapses within seconds of the worker's death).
+- after the claim, handler running: the rerun finds the claim held by the dead run's
+  token; the delivery becomes a handler job that waits for the lease (handler timeout
+  plus :data:`~worker.deliver.idempotency.LEASE_MARGIN_S`) and then runs again; the
+  lost attempt counted, its recorded steps kept (an unfinished one is uncertain).
+- after the settle (which also finishes the arq job, in the same script): nothing is
+  left to run. A lost reply (Redis answered, the worker never heard): the rerun finds
+  ``status`` set by this very job (``settled_by``) and counts nothing, or a handler job
+  already queued; a repeated settle finds ``run`` no longer its token and changes
+  nothing.
+- cancelled (a stopping worker, after its grace): a step in flight gets
+  :data:`~worker.deliver.idempotency.STEP_GRACE_S` to finish; the attempt is given
+  back (``attempts`` decremented, claim dropped) and the job runs again. A cancel
+  during the settle waits for the settle.
+
+Anything unexpected in flexworker's own code around a handler (an event it cannot
+read, a failing predicate's surroundings) dead-letters that delivery with reason
+``internal`` or ``permanent``: it never vanishes.
 """
 
 from __future__ import annotations
@@ -30,19 +63,23 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aiohttp
+import pydantic
 import structlog
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 from worker.api.client import IntegrationClient
-from worker.deliver.dlq import DeadLetter, DeadLetters, report
+from worker.deliver.dlq import EVENT_JOB_LETTER, DeadLetter, DeadLetters, Reason, report
 from worker.deliver.failures import ErrorRecord, classify, describe
 from worker.deliver.idempotency import LEASE_MARGIN_S, DeliveryRecords
+from worker.deliver.roster import HANDBACK_S, ORPHAN_HANDBACK_S, Roster
+from worker.deliver.scripts import Claim, DeliveryScripts, Settlement
 from worker.events import TransitionEvent
 from worker.plugin import HandlerContext, RetryPolicy
 from worker.queue.keys import Keys
@@ -50,46 +87,52 @@ from worker.queue.ordering import HANDLER_JOB_FUNCTION, ORDER_PARK_S, Ordering, 
 from worker.registry import LoadedHandler
 from worker.settings import Settings
 
-__all__ = [
-    "COUNTERS",
-    "Delivery",
-    "Outcome",
-]
+__all__ = ["COUNTERS", "Delivery", "Outcome"]
 
 log = structlog.get_logger("flexworker.delivery")
 
 #: The per-handler counters kept in ``P:stats:handler:<name>``.
 COUNTERS = ("done", "retried", "dead_lettered", "skipped")
-#: Longest single wait for another job's claim on the same delivery.
+#: Longest single wait for another run's claim on the same delivery.
 BUSY_WAIT_MAX_S = 5.0
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a job ended: settled, or to be run again (``retry``, ``wait``).
+    """How a job ended: settled, or to run again (its score in the queue is already set)."""
 
-    ``delay_s`` is how long to re-defer the job; None for a job the claim already
-    parked in the queue (it is woken when its turn comes).
-    """
-
-    kind: Literal["done", "skipped", "dead", "retry", "wait"]
-    delay_s: float | None = None
+    kind: Literal["done", "skipped", "dead", "retry", "wait", "handback", "event"]
 
     @property
     def again(self) -> bool:
         """Whether the job must run again."""
-        return self.kind in ("retry", "wait")
+        return self.kind in ("retry", "wait", "handback")
 
 
-class _NotEnabledError(Exception):
-    """The job names a handler this worker does not run."""
+@dataclass(frozen=True)
+class _Ids:
+    key: str
+    transaction_id: str
+    index: int
+    transition: str
+    process_name: str
+
+
+def _ids(payload: dict[str, Any]) -> _Ids:
+    return _Ids(
+        key=str(payload["key"]),
+        transaction_id=str(payload["transaction_id"]),
+        index=int(payload["index"]),
+        transition=str(payload["transition"]),
+        process_name=str(payload["process_name"]),
+    )
 
 
 class Delivery:
-    """Runs fan-out and handler jobs for one worker.
+    """Runs event and handler jobs for one worker.
 
-    ``rng`` drives backoff jitter and ``clock`` (Unix time, seconds) the recorded
-    times, so tests can pin both.
+    ``rng`` drives backoff jitter, ``clock`` (Unix seconds) the recorded times and
+    ``queue_clock`` the queue's scores (arq scores by wall time), so tests can pin them.
     """
 
     def __init__(
@@ -102,6 +145,7 @@ class Delivery:
         http: aiohttp.ClientSession,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        queue_clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
         self.settings = settings
@@ -110,8 +154,14 @@ class Delivery:
         self.records = DeliveryRecords(
             redis, self.keys, retention_s=settings.idempotency_retention_s, clock=clock
         )
-        self.ordering = Ordering(redis, self.keys, queue_name=settings.queue_name)
+        self.ordering = Ordering(redis, self.keys, queue_name=settings.queue_name, clock=queue_clock)
+        self.scripts = DeliveryScripts(
+            redis, self.keys, self.ordering, retention_s=settings.idempotency_retention_s
+        )
+        self.roster = Roster(redis, self.keys, self.handlers, clock=queue_clock)
         self.dead_letters = DeadLetters(redis, settings, clock=clock)
+        #: Jobs whose settle also finished them as arq would (read by the worker, see runner).
+        self.finished_jobs: set[str] = set()
         self._client = client
         self._http = http
         self._rng = rng or random.Random()
@@ -125,204 +175,373 @@ class Delivery:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), tz=UTC)
 
-    async def fan_out(self, payload: dict[str, Any], *, job_id: str) -> list[str]:
-        """Queue the event for each enabled handler whose subscription matches; their names."""
-        # The globs need four fields: the full event is validated only if a predicate wants it.
-        transition, process = str(payload["transition"]), str(payload["process_name"])
-        event: TransitionEvent | None = None
-        names = []
-        for name, loaded in self.handlers.items():
-            subscription = loaded.spec.subscription
-            if not subscription.matches_names(transition, process):
-                continue
-            if subscription.predicate is not None:
-                event = event or TransitionEvent.model_validate(payload)
-                try:
-                    wanted = bool(subscription.predicate(event))
-                except Exception:
-                    # Let the handler's own job ask again, where a failure is retried and dead-lettered.
-                    wanted = True
-                if not wanted:
-                    continue
-            names.append(name)
-        event_key, transaction_id, index = (
-            str(payload["key"]),
-            str(payload["transaction_id"]),
-            int(payload["index"]),
-        )
-        jobs = [
-            QueuedJob(
-                job_id=handler_job_id(event_key, name),
-                function=HANDLER_JOB_FUNCTION,
-                args=(name, payload),
-                pending_key=self.keys.pending(name, transaction_id),
-                index=index,
-            )
-            for name in names
-        ]
-        await self.ordering.enqueue(
-            jobs,
-            pending_ttl_s=self.settings.idempotency_retention_s,
-            order_key=self.keys.order(transaction_id),
-            remove=job_id,
-            # A later event of another handler may have waited for this one's fan-out only.
-            wake=[self.keys.pending(name, transaction_id) for name in self.handlers if name not in names],
-            park_s=ORDER_PARK_S,
-            parent=job_id,
-        )
-        return names
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
-    async def deliver(self, handler: str, payload: dict[str, Any], *, job_id: str) -> Outcome:
-        """Run one handler job (see the module doc); re-defer the job when the outcome has a delay."""
-        event_key, transaction_id, index = (
-            str(payload["key"]),
-            str(payload["transaction_id"]),
-            int(payload["index"]),
+    def _handler_job(
+        self, name: str, payload: dict[str, Any], ids: _Ids, *, not_before_ms: int = 0
+    ) -> QueuedJob:
+        return QueuedJob(
+            job_id=handler_job_id(ids.key, name, self.keys.prefix),
+            function=HANDLER_JOB_FUNCTION,
+            args=(name, payload),
+            pending_key=self.keys.pending(name, ids.transaction_id),
+            index=ids.index,
+            not_before_ms=not_before_ms,
         )
-        loaded = self.handlers.get(handler)
-        policy = loaded.spec.retry if loaded is not None else RetryPolicy()
-        # The token is the job id: arq never runs one job twice at once, so a claim with our
-        # own token is a run of this job that died, and we may take over at once.
-        claim = await self.records.claim(
-            handler,
-            event_key,
-            job_id,
-            lease_s=policy.timeout_s + LEASE_MARGIN_S,
-            queue_name=self.settings.queue_name,
-            wait_for=(self.keys.order(transaction_id), self.keys.pending(handler, transaction_id)),
-            index=index,
-        )
-        if claim.state == "blocked":
-            # Already parked by the claim script; the earlier event's settling wakes it.
-            return Outcome("wait", None)
-        if claim.state == "busy":
-            return Outcome("wait", min(max(claim.busy_for_s, 0.1), BUSY_WAIT_MAX_S))
-        if claim.state in ("done", "dead"):
-            return await self._settle(handler, event_key, transaction_id, job_id, None, "skipped")
-        event = TransitionEvent.model_validate(payload)
-        attempt = claim.attempt
-        if attempt > policy.max_attempts:
-            lost = ErrorRecord(
-                at=self._now(),
-                attempt=attempt - 1,
-                type="AttemptLost",
-                message=f"attempt {attempt - 1} never finished: the worker stopped or died while it ran",
+
+    # -- the event job ------------------------------------------------------------------
+
+    async def deliver_event(self, payload: dict[str, Any], *, job_id: str, job_try: int = 1) -> Outcome:
+        """Run one event job (see the module doc); ``wait`` when it was parked behind an earlier event."""
+        try:
+            ids = _ids(payload)
+        except (KeyError, TypeError, ValueError) as exc:
+            await self._unreadable(payload, job_id, exc)
+            return Outcome("dead")
+        event: TransitionEvent | None = None
+        invalid: Exception | None = None
+        try:
+            event = TransitionEvent.model_validate(payload)
+        except pydantic.ValidationError as exc:
+            invalid = exc  # each handler's delivery is dead-lettered with it, below
+        await self.roster.refresh()
+        local = [
+            loaded
+            for loaded in self.handlers.values()
+            if loaded.spec.subscription.matches_names(ids.transition, ids.process_name)
+            and (event is None or _wanted(loaded, event))
+        ]
+        remote = self.roster.remote_targets(ids.transition, ids.process_name)
+        token = f"{job_id}#{job_try}"
+        claims: list[Claim] = []
+        if local:
+            claims = await self.scripts.claim(
+                [(h.name, h.spec.retry.timeout_s + LEASE_MARGIN_S) for h in local],
+                event_key=ids.key,
+                transaction_id=ids.transaction_id,
+                index=ids.index,
+                token=token,
+                own_job_id=job_id,
+                mode="event",
+                record_now_ms=self._now_ms(),
+                job_ids=[handler_job_id(ids.key, h.name, self.keys.prefix) for h in local],
             )
-            return await self._dead_letter(handler, event, payload, job_id, attempt - 1, lost, "exhausted")
-        bound = log.bind(event_key=event_key, transaction_id=transaction_id, handler=handler, attempt=attempt)
+            if claims[0].state == "parked":
+                return Outcome("wait")
+        handoffs = [self._handler_job(name, payload, ids) for name in remote]
+        handoffs += [
+            self._handler_job(h.name, payload, ids, not_before_ms=c.retry_at_ms)
+            for h, c in zip(local, claims, strict=True)
+            if c.state == "handoff"
+        ]
+        if handoffs:
+            # Before the event's order entry goes, so the deliveries are never in neither set.
+            await self.ordering.enqueue(
+                handoffs, order_key=self.keys.order(ids.transaction_id), park_s=ORDER_PARK_S, parent=job_id
+            )
+        running = [(h, c) for h, c in zip(local, claims, strict=True) if c.state == "claimed"]
+        settlements = [
+            Settlement(h.name, "release")
+            for h, c in zip(local, claims, strict=True)
+            if c.state in ("done", "dead") and not c.own
+        ]
+        attempts = [
+            self._attempt(h, c.attempt, payload, ids, event, invalid, token=token, job_id=job_id, inline=True)
+            for h, c in running
+        ]
+        if len(attempts) == 1:
+            settlements.append(await attempts[0])  # no task needed for one
+        elif attempts:
+            settlements += await asyncio.gather(*attempts)
+        await self._settle(
+            settlements,
+            ids,
+            token=token,
+            job_id=job_id,
+            remove_from_order=job_id,
+            wake=[self.keys.pending(name, ids.transaction_id) for name in self.roster.all_names],
+        )
+        return Outcome("event")
+
+    async def _unreadable(self, payload: dict[str, Any], job_id: str, exc: Exception) -> None:
+        """An event job whose payload lacks the fields to key its deliveries: one dead letter."""
+        error = describe(
+            exc,
+            attempt=1,
+            at=self._now(),
+            message=f"event job payload unreadable: {type(exc).__name__}: {exc}",
+        )
+        letter = DeadLetter.of_payload(
+            EVENT_JOB_LETTER,
+            payload if isinstance(payload, dict) else {},
+            job_id=job_id,
+            reason="internal",
+            attempts=1,
+            errors=[error],
+            dead_lettered_at=self._now(),
+        )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self.dead_letters.add_in(pipe, letter)
+            await pipe.execute()
+        report(letter)
+
+    # -- the handler job ----------------------------------------------------------------
+
+    async def deliver(
+        self, handler: str, payload: dict[str, Any], *, job_id: str, job_try: int = 1
+    ) -> Outcome:
+        """Run one handler job (see the module doc); its score is set when it must run again."""
+        try:
+            ids = _ids(payload)
+        except (KeyError, TypeError, ValueError) as exc:
+            await self._unreadable(payload, job_id, exc)
+            return Outcome("dead")
+        loaded = self.handlers.get(handler)
+        if loaded is None:
+            # Not ours to run: hand it back untouched, for a worker that runs it.
+            await self.roster.refresh()
+            park_s = HANDBACK_S if self.roster.is_live(handler) else ORPHAN_HANDBACK_S
+            await self._redis.zadd(
+                self.ordering.queue_name, {job_id: self.ordering.now_ms() + park_s * 1000}, xx=True
+            )
+            return Outcome("handback")
+        token = f"{job_id}#{job_try}"
+        policy = loaded.spec.retry
+        (claim,) = await self.scripts.claim(
+            [(handler, policy.timeout_s + LEASE_MARGIN_S)],
+            event_key=ids.key,
+            transaction_id=ids.transaction_id,
+            index=ids.index,
+            token=token,
+            own_job_id=job_id,
+            mode="handler",
+            record_now_ms=self._now_ms(),
+        )
+        wake = [self.keys.pending(handler, ids.transaction_id)]
+        if claim.state in ("done", "dead"):
+            await self._settle([Settlement(handler, "release")], ids, token=token, job_id=job_id, wake=wake)
+            return Outcome("skipped")
+        if claim.state in ("blocked", "deferred"):
+            return Outcome("wait")
+        if claim.state == "busy":
+            wait_s = min(max(claim.busy_for_s, 0.1), BUSY_WAIT_MAX_S)
+            await self._redis.zadd(
+                self.ordering.queue_name, {job_id: self.ordering.now_ms() + int(wait_s * 1000)}, xx=True
+            )
+            return Outcome("wait")
+        event: TransitionEvent | None = None
+        invalid: Exception | None = None
+        try:
+            event = TransitionEvent.model_validate(payload)
+        except pydantic.ValidationError as exc:
+            invalid = exc
+        settlement = await self._attempt(
+            loaded, claim.attempt, payload, ids, event, invalid, token=token, job_id=job_id, inline=False
+        )
+        await self._settle(
+            [settlement], ids, token=token, job_id=job_id, wake=wake, finished=settlement.kind != "retry"
+        )
+        return Outcome(
+            "retry" if settlement.kind == "retry" else "dead" if settlement.kind == "dead" else "done"
+        )
+
+    # -- one attempt ----------------------------------------------------------------------
+
+    async def _attempt(
+        self,
+        loaded: LoadedHandler,
+        attempt: int,
+        payload: dict[str, Any],
+        ids: _Ids,
+        event: TransitionEvent | None,
+        invalid: Exception | None,
+        *,
+        token: str,
+        job_id: str,
+        inline: bool,
+    ) -> Settlement:
+        """Run a claimed attempt; how it ended. Never raises but for a cancellation."""
+        policy = loaded.spec.retry
+        try:
+            if attempt > policy.max_attempts:
+                lost = ErrorRecord(
+                    at=self._now(),
+                    attempt=attempt - 1,
+                    type="AttemptLost",
+                    message=f"attempt {attempt - 1} never finished: the worker stopped or died while it ran",
+                )
+                return await self._dead(loaded.name, payload, ids, job_id, attempt - 1, lost, "exhausted")
+            if invalid is not None or event is None:
+                raise invalid or ValueError("event missing")
+            return await self._run(loaded, attempt, payload, ids, event, job_id=job_id, inline=inline)
+        except asyncio.CancelledError:
+            # The worker is stopping: this attempt does not count, and the job runs again later.
+            await asyncio.shield(self.scripts.unclaim(loaded.name, ids.key, token))
+            raise
+        except Exception as exc:
+            # Our own code around the handler failed (or the event cannot be read): never lost.
+            reason: Reason = "permanent" if isinstance(exc, pydantic.ValidationError) else "internal"
+            error = describe(exc, attempt=attempt, at=self._now())
+            return await self._dead(loaded.name, payload, ids, job_id, attempt, error, reason)
+
+    async def _run(
+        self,
+        loaded: LoadedHandler,
+        attempt: int,
+        payload: dict[str, Any],
+        ids: _Ids,
+        event: TransitionEvent,
+        *,
+        job_id: str,
+        inline: bool,
+    ) -> Settlement:
+        handler, policy = loaded.name, loaded.spec.retry
         timer = asyncio.timeout(policy.timeout_s)
         matched = True
         try:
             async with timer:
-                if loaded is None:
-                    raise _NotEnabledError(f"handler {handler!r} is not enabled in this worker")
                 matched = loaded.spec.subscription.matches(event)
                 if matched:
                     ctx = HandlerContext(
                         event=event,
                         client=self._client,
-                        log=bound,
+                        log=log.bind(
+                            event_key=ids.key,
+                            transaction_id=ids.transaction_id,
+                            handler=handler,
+                            attempt=attempt,
+                        ),
                         settings=self.settings,
                         handler_settings=loaded.handler_settings,
                         http=self._http,
                         attempt=attempt,
                         handler=handler,
                         namespace=self.settings.namespace,
-                        steps=self.records.steps(handler, event_key, attempt),
+                        steps=self.records.steps(handler, ids.key, attempt),
                     )
                     await loaded.handler.handle(ctx)
-        except asyncio.CancelledError:
-            # The worker is stopping: this attempt does not count, and the job runs again later.
-            await asyncio.shield(self.records.unclaim(handler, event_key, job_id))
-            raise
         except Exception as exc:
             message = f"attempt timed out after {policy.timeout_s:g} s" if timer.expired() else None
-            return await self._failed(handler, event, payload, job_id, attempt, policy, exc, message)
-        return await self._settle(
-            handler, event_key, transaction_id, job_id, "done", "done" if matched else "skipped"
-        )
-
-    async def _settle(
-        self,
-        handler: str,
-        event_key: str,
-        transaction_id: str,
-        job_id: str,
-        status: Literal["done"] | None,
-        counter: str,
-    ) -> Outcome:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self.records.settle_in(pipe, handler, event_key, job_id, status)
-            self.ordering.release_in(pipe, handler, transaction_id, job_id)
-            pipe.hincrby(self.keys.stats(handler), counter, 1)
-            await pipe.execute()
-        return Outcome("done" if counter == "done" else "skipped")
+            return await self._failed(
+                loaded, payload, ids, job_id, attempt, policy, exc, message, inline=inline
+            )
+        return Settlement(handler, "done" if matched else "skipped")
 
     async def _failed(
         self,
-        handler: str,
-        event: TransitionEvent,
+        loaded: LoadedHandler,
         payload: dict[str, Any],
+        ids: _Ids,
         job_id: str,
         attempt: int,
         policy: RetryPolicy,
         exc: Exception,
         message: str | None,
-    ) -> Outcome:
+        *,
+        inline: bool,
+    ) -> Settlement:
         now_s = self._clock()
         verdict = classify(exc, now_s=now_s)
         error = describe(exc, attempt=attempt, at=datetime.fromtimestamp(now_s, tz=UTC), message=message)
         if verdict.permanent:
-            return await self._dead_letter(handler, event, payload, job_id, attempt, error, "permanent")
+            return await self._dead(loaded.name, payload, ids, job_id, attempt, error, "permanent")
         delay_s = policy.delay_s(attempt, self._rng, at_least_s=verdict.at_least_s)
         if delay_s is None:
-            return await self._dead_letter(handler, event, payload, job_id, attempt, error, "exhausted")
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self.records.fail_in(pipe, handler, event.key, job_id, error)
-            pipe.hincrby(self.keys.stats(handler), "retried", 1)
-            await pipe.execute()
+            return await self._dead(loaded.name, payload, ids, job_id, attempt, error, "exhausted")
         # Identifiers and the error's type only: a message may carry personal data.
         log.warning(
             "handler attempt failed",
-            event_key=event.key,
-            handler=handler,
-            transition=event.transition,
+            event_key=ids.key,
+            handler=loaded.name,
+            transition=ids.transition,
             attempt=attempt,
             max_attempts=policy.max_attempts,
             error_type=error.type,
             where=error.where,
             retry_in_s=round(delay_s, 3),
         )
-        return Outcome("retry", delay_s)
+        retry_at_ms = self.ordering.now_ms() + int(delay_s * 1000)
+        job = self._handler_job(loaded.name, payload, ids, not_before_ms=retry_at_ms) if inline else None
+        return Settlement(loaded.name, "retry", error=error, retry_at_ms=retry_at_ms, job=job)
 
-    async def _dead_letter(
+    async def _dead(
         self,
         handler: str,
-        event: TransitionEvent,
         payload: dict[str, Any],
+        ids: _Ids,
         job_id: str,
         attempts: int,
         error: ErrorRecord,
-        reason: Literal["permanent", "exhausted"],
-    ) -> Outcome:
-        record = await self.records.read(handler, event.key)
+        reason: Reason,
+    ) -> Settlement:
+        record = await self.records.read(handler, ids.key)
         errors = [e for e in record.errors if e.attempt != error.attempt] + [error]
-        letter = DeadLetter.of(
+        letter = DeadLetter.of_payload(
             handler,
-            event,
+            payload,
             job_id=job_id,
             reason=reason,
             attempts=attempts,
             errors=errors,
             dead_lettered_at=self._now(),
-            payload=payload,
         )
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self.records.fail_in(pipe, handler, event.key, job_id, error)
-            self.records.settle_in(pipe, handler, event.key, job_id, "dead")
-            self.dead_letters.add_in(pipe, letter)
-            self.ordering.release_in(pipe, handler, event.transaction_id, job_id)
-            pipe.hincrby(self.keys.stats(handler), "dead_lettered", 1)
-            await pipe.execute()
-        report(letter)
-        return Outcome("dead")
+        return Settlement(handler, "dead", error=error, letter=letter)
+
+    async def _settle(
+        self,
+        settlements: Sequence[Settlement],
+        ids: _Ids,
+        *,
+        token: str,
+        job_id: str,
+        remove_from_order: str = "",
+        wake: Sequence[str] = (),
+        finished: bool = True,
+    ) -> None:
+        def settle() -> Awaitable[list[bool]]:
+            return self.scripts.settle(
+                settlements,
+                event_key=ids.key,
+                transaction_id=ids.transaction_id,
+                index=ids.index,
+                token=token,
+                own_job_id=job_id,
+                record_now_ms=record_now_ms,
+                remove_from_order=remove_from_order,
+                wake=wake,
+                finish=finish,
+            )
+
+        record_now_ms = self._now_ms()
+        finish = _arq_keys(job_id) if finished else ()
+        try:
+            applied = await settle()
+        except asyncio.CancelledError:
+            # A cancel (a stopping worker) must not cut the settle of attempts that ran: the
+            # settle is idempotent, so send it again, shielded (a repeat changes nothing).
+            await asyncio.shield(settle())
+            if finished:
+                self.finished_jobs.add(job_id)
+            raise
+        if finished:
+            self.finished_jobs.add(job_id)
+        for settlement, ok in zip(settlements, applied, strict=True):
+            if ok and settlement.letter is not None:
+                report(settlement.letter)
+
+
+def _arq_keys(job_id: str) -> tuple[str, str, str]:
+    """arq's keys of a job, which a settle that ends the job deletes as arq would."""
+    return (job_key_prefix + job_id, retry_key_prefix + job_id, in_progress_key_prefix + job_id)
+
+
+def _wanted(loaded: LoadedHandler, event: TransitionEvent) -> bool:
+    predicate = loaded.spec.subscription.predicate
+    if predicate is None:
+        return True
+    try:
+        return bool(predicate(event))
+    except Exception:
+        # Let the handler's own delivery ask again, where a failure is retried and dead-lettered.
+        return True

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+import redis
 import sentry_sdk
 import structlog
 from arq.connections import ArqRedis
@@ -37,12 +38,32 @@ from worker.deliver.idempotency import DeliveryRecords
 from worker.errors import ConfigError
 from worker.events import TransitionEvent
 from worker.queue.keys import Keys
-from worker.queue.ordering import HANDLER_JOB_FUNCTION, ORDER_PARK_S, Ordering, QueuedJob, handler_job_id
+from worker.queue.ordering import (
+    EVENT_JOB_FUNCTION,
+    HANDLER_JOB_FUNCTION,
+    ORDER_PARK_S,
+    Ordering,
+    QueuedJob,
+    event_job_id,
+    handler_job_id,
+)
 from worker.settings import Settings
 
-__all__ = ["DeadLetter", "DeadLetters", "DlqFilter", "dead_letter_id", "init_sentry", "report"]
+__all__ = [
+    "EVENT_JOB_LETTER",
+    "DeadLetter",
+    "DeadLetters",
+    "DlqFilter",
+    "dead_letter_id",
+    "init_sentry",
+    "report",
+]
 
 log = structlog.get_logger("flexworker.dlq")
+
+Reason = Literal["permanent", "exhausted", "internal"]
+#: The handler named by the dead letter of an event job whose payload could not be read at all.
+EVENT_JOB_LETTER = "(event job)"
 
 
 def dead_letter_id(handler: str, event_key: str) -> str:
@@ -60,7 +81,9 @@ class DeadLetter(BaseModel):
     transition: str
     process_name: str
     job_id: str
-    reason: Literal["permanent", "exhausted"]
+    #: ``permanent`` (the handler's error), ``exhausted`` (attempts used up) or ``internal``
+    #: (flexworker's own code around the handler failed: an event it cannot read, say).
+    reason: Reason
     attempts: int
     errors: list[ErrorRecord]
     first_failure_at: datetime
@@ -75,27 +98,51 @@ class DeadLetter(BaseModel):
         event: TransitionEvent,
         *,
         job_id: str,
-        reason: Literal["permanent", "exhausted"],
+        reason: Reason,
         attempts: int,
         errors: list[ErrorRecord],
         dead_lettered_at: datetime,
         payload: dict[str, Any] | None = None,
     ) -> DeadLetter:
         """The dead letter of ``event`` for ``handler``; ``errors`` must not be empty."""
+        return cls.of_payload(
+            handler,
+            payload if payload is not None else event.model_dump(mode="json"),
+            job_id=job_id,
+            reason=reason,
+            attempts=attempts,
+            errors=errors,
+            dead_lettered_at=dead_lettered_at,
+        )
+
+    @classmethod
+    def of_payload(
+        cls,
+        handler: str,
+        payload: dict[str, Any],
+        *,
+        job_id: str,
+        reason: Reason,
+        attempts: int,
+        errors: list[ErrorRecord],
+        dead_lettered_at: datetime,
+    ) -> DeadLetter:
+        """The dead letter of a queued payload, which need not be a valid event."""
+        event_key = str(payload.get("key", job_id))
         return cls(
-            id=dead_letter_id(handler, event.key),
+            id=dead_letter_id(handler, event_key),
             handler=handler,
-            event_key=event.key,
-            transaction_id=str(event.transaction_id),
-            transition=event.transition,
-            process_name=event.process_name,
+            event_key=event_key,
+            transaction_id=str(payload.get("transaction_id", "")),
+            transition=str(payload.get("transition", "")),
+            process_name=str(payload.get("process_name", "")),
             job_id=job_id,
             reason=reason,
             attempts=attempts,
             errors=errors,
             first_failure_at=min(e.at for e in errors),
             dead_lettered_at=dead_lettered_at,
-            event=payload if payload is not None else event.model_dump(mode="json"),
+            event=payload,
         )
 
     @property
@@ -192,33 +239,61 @@ class DeadLetters:
         """
         job_ids = []
         for letter in letters:
-            job_id = f"{handler_job_id(letter.event_key, letter.handler)}:replay:{int(self._clock() * 1000)}"
-            job = QueuedJob(
-                job_id=job_id,
-                function=HANDLER_JOB_FUNCTION,
-                args=(letter.handler, letter.event),
-                pending_key=self.keys.pending(letter.handler, letter.transaction_id),
-                index=int(letter.event.get("index", 0)),
-            )
-            async with self._redis.pipeline(transaction=True) as pipe:
-                self._records.reset_in(
-                    pipe, letter.handler, letter.event_key, force=force, forget_uncertain=forget_uncertain
-                )
-                self._ordering.enqueue_in(
-                    pipe,
-                    [job],
-                    pending_ttl_s=self._retention_s,
-                    order_key=self.keys.order(letter.transaction_id),
-                    park_s=ORDER_PARK_S,
-                )
-                pipe.hdel(self.keys.dlq, letter.id)
-                pipe.zrem(self.keys.dlq_index, letter.id)
-                await pipe.execute()
+            job_id = await self._replay_one(letter, force=force, forget_uncertain=forget_uncertain)
+            if job_id is None:
+                log.info("dead letter already replayed or purged", dlq_id=letter.id)
+                continue
             log.info(
                 "dead letter replayed", dlq_id=letter.id, handler=letter.handler, event_key=letter.event_key
             )
             job_ids.append(job_id)
         return job_ids
+
+    def _replay_job(self, letter: DeadLetter) -> QueuedJob:
+        at_ms = int(self._clock() * 1000)
+        if letter.handler == EVENT_JOB_LETTER:
+            return QueuedJob(
+                job_id=f"{event_job_id(self.keys.prefix, letter.event_key)}:replay:{at_ms}",
+                function=EVENT_JOB_FUNCTION,
+                args=(letter.event,),
+                pending_key=self.keys.order(letter.transaction_id),
+                index=int(letter.event.get("index", 0)),
+            )
+        return QueuedJob(
+            job_id=f"{handler_job_id(letter.event_key, letter.handler, self.keys.prefix)}:replay:{at_ms}",
+            function=HANDLER_JOB_FUNCTION,
+            args=(letter.handler, letter.event),
+            pending_key=self.keys.pending(letter.handler, letter.transaction_id),
+            index=int(letter.event.get("index", 0)),
+        )
+
+    async def _replay_one(self, letter: DeadLetter, *, force: bool, forget_uncertain: bool) -> str | None:
+        """Replay one letter if it is still there; its job id, or None.
+
+        Checked and written in one optimistic transaction (``WATCH`` on the letters and the
+        delivery record), so two replays at once queue one job and reset the record once.
+        """
+        record_key = self.keys.delivery(letter.handler, letter.event_key)
+        job = self._replay_job(letter)
+        while True:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(self.keys.dlq, record_key)
+                    if not await pipe.hexists(self.keys.dlq, letter.id):  # type: ignore[misc]
+                        return None
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    self._records.reset_in(
+                        pipe, letter.handler, letter.event_key, force=force, forget_uncertain=forget_uncertain
+                    )
+                    self._ordering.enqueue_in(
+                        pipe, [job], order_key=self.keys.order(letter.transaction_id), park_s=ORDER_PARK_S
+                    )
+                    pipe.hdel(self.keys.dlq, letter.id)
+                    pipe.zrem(self.keys.dlq_index, letter.id)
+                    await pipe.execute()
+                    return job.job_id
+                except redis.WatchError:
+                    continue  # another write to the letters or the record: look again
 
     async def purge(self, letters: Sequence[DeadLetter]) -> int:
         """Remove entries without replaying them; how many were removed."""

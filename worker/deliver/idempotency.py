@@ -3,11 +3,13 @@
 One hash per (handler, event key), ``P:delivery:<handler>:<event key>``, holds the
 delivery's state (see :mod:`worker.queue.keys`):
 
-- a **claim** (``P:claim:...``, a token with a lease) while an attempt runs. The
-  lease is the handler's timeout plus :data:`LEASE_MARGIN_S`, and the attempt is
-  cancelled at its timeout, so a live claim means another attempt really is running
-  (a second copy of the job re-defers); a claim left by a worker that died expires.
-- ``attempts``, counted when an attempt is claimed, and ``error:<n>`` per failed one.
+- a **claim** (``P:claim:...``, the running attempt's token, ``<job id>#<arq try>``,
+  with a lease) while an attempt runs. The lease is the handler's timeout plus
+  :data:`LEASE_MARGIN_S`, and the attempt is cancelled at its timeout, so a live
+  claim means an attempt really is running; a claim left by a worker that died
+  expires, and the delivery runs again then.
+- ``attempts``, counted when an attempt is claimed, ``error:<n>`` per failed one,
+  and ``retry_at`` (queue clock, ms) while a retry waits.
 - ``status``: ``done`` makes any later delivery of the event to the handler a no-op
   (also after a replay, unless the replay is forced); ``dead`` while dead-lettered.
 - ``step:<name>`` per :meth:`~worker.plugin.HandlerContext.step`: started, or done
@@ -23,80 +25,32 @@ one is kept until it is replayed or purged, so its step results survive the wait
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
 from redis.asyncio.client import Pipeline
 
 from worker.deliver.failures import ErrorRecord
 from worker.errors import CommandOutcomeUnknownError, PermanentError, StepUncertainError
 from worker.events import from_ms
 from worker.queue.keys import Keys
-from worker.queue.ordering import ORDER_LUA, ORDER_PARK_S, now_ms
 
-__all__ = ["LEASE_MARGIN_S", "Claim", "DeliveryRecord", "DeliveryRecords", "RecordedSteps"]
+__all__ = ["LEASE_MARGIN_S", "STEP_GRACE_S", "DeliveryRecord", "DeliveryRecords", "RecordedSteps"]
 
-#: A claim outlives its attempt's timeout by this much (clock drift, slow Redis writes).
-LEASE_MARGIN_S = 30.0
-
-# KEYS: delivery, claim, the arq queue, then the pending zsets to wait for.
-# ARGV: token (the job id), lease ms, retention ms, queue time now (ms), index, arq job key prefix,
-#       park ms, record time now (ms).
-# One round trip for "settled? blocked (then parked)? busy? else claim".
-_CLAIM = (
-    ORDER_LUA
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status then return {status, 0} end
-if #KEYS > 3 and first_blocker({unpack(KEYS, 4)}, ARGV[5], ARGV[6]) then
-  -- Parked in the same script as the check, so the blocker's wake-up cannot be missed.
-  redis.call('ZADD', KEYS[3], 'XX', tonumber(ARGV[4]) + tonumber(ARGV[7]), ARGV[1])
-  return {'blocked', 0}
-end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then return {'busy', redis.call('PTTL', KEYS[2])} end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSETNX', KEYS[1], 'first_attempt_at', ARGV[8])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {'claimed', attempt}
-"""
-)
-
-_UNCLAIM = """
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('DEL', KEYS[2])
-  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
-  return 1
-end
-return 0
-"""
-
-_FAIL = """
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-return 1
-"""
-
-_SETTLE = """
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'settled_at', ARGV[3])
-  if ARGV[2] == 'dead' then
-    redis.call('PERSIST', KEYS[1])
-  else
-    redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  end
-end
-return 1
-"""
+#: A claim outlives its attempt's timeout by this much: a step in flight gets
+#: :data:`STEP_GRACE_S` to finish, then the settle. So a killed worker's deliveries run
+#: again within the handler's timeout plus this.
+LEASE_MARGIN_S = 10.0
+#: A step cut off (timeout, or a stopping worker) this long before it is cancelled: a step
+#: that finishes in that time records its result instead of being left uncertain.
+STEP_GRACE_S = 5.0
 
 # ARGV: force, forget uncertain steps, retention ms. Returns 0 when a done record was kept.
 _RESET = """
@@ -107,7 +61,7 @@ if status == 'done' and ARGV[1] ~= '1' then
 end
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
   if f == 'status' or f == 'attempts' or f == 'first_attempt_at' or f == 'settled_at'
-      or string.sub(f, 1, 6) == 'error:' then
+      or f == 'settled_by' or f == 'run' or f == 'retry_at' or string.sub(f, 1, 6) == 'error:' then
     redis.call('HDEL', KEYS[1], f)
   elseif ARGV[2] == '1' and string.sub(f, 1, 5) == 'step:' then
     local step = cjson.decode(redis.call('HGET', KEYS[1], f))
@@ -117,19 +71,6 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
-
-Status = Literal["done", "dead"]
-
-
-@dataclass(frozen=True)
-class Claim:
-    """The answer to "may this attempt run?"."""
-
-    state: Literal["claimed", "done", "dead", "busy", "blocked"]
-    #: the attempt's number (1-based) when claimed.
-    attempt: int = 0
-    #: how much longer another attempt's claim lasts, when busy.
-    busy_for_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -170,84 +111,6 @@ class DeliveryRecords:
     async def status(self, handler: str, event_key: str) -> str | None:
         value = await self._redis.hget(self.keys.delivery(handler, event_key), "status")  # type: ignore[misc]
         return value.decode() if isinstance(value, bytes) else None
-
-    async def claim(
-        self,
-        handler: str,
-        event_key: str,
-        job_id: str,
-        *,
-        lease_s: float,
-        queue_name: str,
-        wait_for: Sequence[str] = (),
-        index: int = 0,
-    ) -> Claim:
-        """Claim the next attempt unless the delivery is settled, blocked, or another job holds it.
-
-        The claim's token is the job id. ``wait_for`` are pending sets
-        (:mod:`worker.queue.ordering`): a live entry below ``index`` in any of them means
-        an earlier event goes first, and the job is parked in ``queue_name``
-        ("blocked": re-run it without a delay of its own; it is woken).
-        """
-        state, value = await self._redis.eval(  # type: ignore[misc]
-            _CLAIM,
-            3 + len(wait_for),
-            self.keys.delivery(handler, event_key),
-            self.keys.claim(handler, event_key),
-            queue_name,
-            *wait_for,
-            job_id,
-            str(int(lease_s * 1000)),
-            str(self._retention_ms),
-            # The queue is scored by arq's clock (wall time), not by ours.
-            str(now_ms()),
-            str(index),
-            job_key_prefix,
-            str(int(ORDER_PARK_S * 1000)),
-            str(self._now_ms()),
-        )
-        name = state.decode()
-        if name == "claimed":
-            return Claim("claimed", attempt=int(value))
-        if name == "busy":
-            return Claim("busy", busy_for_s=max(0, int(value)) / 1000)
-        if name == "blocked":
-            return Claim("blocked")
-        return Claim("done" if name == "done" else "dead")
-
-    async def unclaim(self, handler: str, event_key: str, token: str) -> None:
-        """Give back a claimed attempt that never really ran (the worker is stopping)."""
-        await self._redis.eval(  # type: ignore[misc]
-            _UNCLAIM, 2, self.keys.delivery(handler, event_key), self.keys.claim(handler, event_key), token
-        )
-
-    def fail_in(self, pipe: Pipeline, handler: str, event_key: str, token: str, error: ErrorRecord) -> None:
-        """Queue: record a failed attempt's error and drop its claim."""
-        pipe.eval(
-            _FAIL,
-            2,
-            self.keys.delivery(handler, event_key),
-            self.keys.claim(handler, event_key),
-            token,
-            f"error:{error.attempt}",
-            error.model_dump_json(),
-            str(self._retention_ms),
-        )
-
-    def settle_in(
-        self, pipe: Pipeline, handler: str, event_key: str, token: str, status: Status | None
-    ) -> None:
-        """Queue: drop the claim and, with a ``status``, mark the delivery done or dead."""
-        pipe.eval(
-            _SETTLE,
-            2,
-            self.keys.delivery(handler, event_key),
-            self.keys.claim(handler, event_key),
-            token,
-            status or "",
-            str(self._now_ms()),
-            str(self._retention_ms),
-        )
 
     def reset_in(
         self, pipe: Pipeline, handler: str, event_key: str, *, force: bool, forget_uncertain: bool
@@ -355,17 +218,38 @@ class RecordedSteps:
         await self._write(
             name, {"state": "started", "attempt": self._attempt, "at": int(self._clock() * 1000)}
         )
+        call = asyncio.ensure_future(fn())
         try:
-            result = await fn()
+            result = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # Cut off (the attempt's timeout, a stopping worker): let the step in flight finish
+            # for a moment, so that what it did is recorded rather than left uncertain.
+            await asyncio.wait({call}, timeout=STEP_GRACE_S)
+            if not call.done():
+                call.cancel()  # still running: it stays started, which the next attempt sees
+            elif not call.cancelled():
+                await asyncio.shield(self._settle(name, call))
+            raise
         except Exception as exc:
-            if _outcome_unknown(exc):
-                # The side effect may have happened: the started record stays, so the next
-                # attempt asks if_uncertain (or dead-letters) rather than doing it again.
-                raise
-            # fn saw its own failure: nothing is stored, and a retry calls it again.
-            await self._redis.hdel(self._key, f"step:{name}")  # type: ignore[misc]
+            await self._forget_unless_uncertain(name, exc)
             raise
         return await self._done(name, result)
+
+    async def _settle(self, name: str, call: asyncio.Future[Any]) -> None:
+        exc = call.exception()
+        if exc is None:
+            with contextlib.suppress(PermanentError):  # not JSON: it stays started (uncertain)
+                await self._done(name, call.result())
+        else:
+            await self._forget_unless_uncertain(name, exc)
+
+    async def _forget_unless_uncertain(self, name: str, exc: BaseException) -> None:
+        if _outcome_unknown(exc):
+            # The side effect may have happened: the started record stays, so the next
+            # attempt asks if_uncertain (or dead-letters) rather than doing it again.
+            return
+        # fn saw its own failure: nothing is stored, and a retry calls it again.
+        await self._redis.hdel(self._key, f"step:{name}")  # type: ignore[misc]
 
 
 def _outcome_unknown(exc: BaseException) -> bool:

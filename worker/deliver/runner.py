@@ -1,99 +1,226 @@
-"""The arq side: the two job functions and the worker that runs them.
+"""The arq side: the two job functions, the worker that runs them, and its heartbeat.
 
-- ``handle_event`` (queued by the poller, one per event) fans the event out: one
-  ``run_handler`` job per enabled, matching handler (:meth:`Delivery.fan_out`).
-- ``run_handler`` delivers one event to one handler (:meth:`Delivery.deliver`) and
-  re-defers itself with ``arq.Retry`` when it must wait or retry.
+- ``handle_event`` (queued by the poller, one per event) delivers the event inline
+  to the handlers this worker runs (:meth:`Delivery.deliver_event`).
+- ``run_handler`` delivers one event to one handler (:meth:`Delivery.deliver`): a
+  retry, a delivery that waited for order, or one handed over by another replica.
 
-arq's own retry limit is set out of reach (:data:`ARQ_MAX_TRIES`): waiting for order
-re-runs a job without being an attempt, and the handler's retry policy decides when
-to give up. A Redis failure in our bookkeeping re-defers the job rather than losing it.
+arq's retry limit and timeout are set out of reach: the delivery rules decide when
+to give up, and each handler's attempt ends at its own timeout, so arq never cancels
+a job (a cancelled job would be marked failed and deleted). A job that must run
+again has already been re-scored by our scripts; it re-raises ``arq.Retry`` without
+a delay, which leaves the score alone.
+
+arq marks a running job with an in-progress key for as long as the job may run; we
+shorten it to :data:`IN_PROGRESS_S` and renew it from a heartbeat, so a killed
+worker's jobs are taken up again within seconds (their deliveries then wait for
+the dead attempt's claim, see :mod:`worker.deliver.delivery`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import time
 from typing import Any
 
 import redis
 import structlog
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker, func
 
 from worker.deliver.delivery import Delivery
-from worker.queue.ordering import EVENT_JOB_FUNCTION, HANDLER_JOB_FUNCTION, JOB_EXPIRY_S, ORDER_PARK_S
+from worker.deliver.roster import HEARTBEAT_S
+from worker.queue.ordering import EVENT_JOB_FUNCTION, HANDLER_JOB_FUNCTION
 from worker.settings import Settings
 
-__all__ = ["ARQ_MAX_TRIES", "KEEP_RESULT_S", "build_worker", "handle_event", "run_handler"]
+__all__ = [
+    "ARQ_MAX_TRIES",
+    "ARQ_TIMEOUT_S",
+    "IN_PROGRESS_S",
+    "FlexWorker",
+    "build_worker",
+    "handle_event",
+    "keep_alive",
+    "run_handler",
+]
 
 log = structlog.get_logger(__name__)
 
-#: arq keeps each job's result this long; our own seen and delivery records last far longer.
-KEEP_RESULT_S = 3600
 #: Far beyond any real count of re-runs: the delivery rules decide, not arq.
 ARQ_MAX_TRIES = 2**31 - 1
+#: arq's per-job timeout, out of reach: attempts end at their handler's own timeout.
+ARQ_TIMEOUT_S = 10 * 365 * 86400.0
+#: Lifetime of arq's in-progress key of a running job; renewed every :data:`RENEW_S`.
+IN_PROGRESS_S = 15.0
+RENEW_S = 5.0
 #: Re-defer after a Redis failure in our own bookkeeping.
 STORE_RETRY_S = 2.0
+#: Longest re-defer of an event job whose own code keeps failing (it is never dropped).
+FAILING_RETRY_MAX_S = 300.0
 CTX_DELIVERY = "flexworker_delivery"
 
 
-async def _keep_job(redis_pool: ArqRedis, job_id: str, delay_s: float) -> None:
-    # arq drops a job whose key expired; a long chain of waits or retries must not get there.
-    await redis_pool.pexpire(job_key_prefix + job_id, int((delay_s + JOB_EXPIRY_S) * 1000))
-
-
-async def handle_event(ctx: dict[str, Any], payload: dict[str, Any]) -> list[str]:
-    """arq job: queue the event for every enabled handler that subscribes to it."""
-    delivery: Delivery = ctx[CTX_DELIVERY]
-    try:
-        return await delivery.fan_out(payload, job_id=ctx["job_id"])
-    except redis.RedisError as exc:
-        log.warning("fan-out deferred: Redis failed", job_id=ctx["job_id"], error=type(exc).__name__)
-        await _keep_job(ctx["redis"], ctx["job_id"], STORE_RETRY_S)
-        raise Retry(defer=STORE_RETRY_S) from exc
-
-
-async def run_handler(ctx: dict[str, Any], handler: str, payload: dict[str, Any]) -> str:
-    """arq job: deliver one event to one handler; re-defer while waiting or retrying."""
+async def handle_event(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
+    """arq job: deliver one event to the handlers that subscribe to it."""
     delivery: Delivery = ctx[CTX_DELIVERY]
     job_id: str = ctx["job_id"]
     try:
-        outcome = await delivery.deliver(handler, payload, job_id=job_id)
+        outcome = await delivery.deliver_event(payload, job_id=job_id, job_try=ctx["job_try"])
+    except redis.RedisError as exc:
+        log.warning("event job deferred: Redis failed", job_id=job_id, error=type(exc).__name__)
+        raise Retry(defer=STORE_RETRY_S) from exc
+    except Exception as exc:
+        # A fault in our own code outside any one delivery: keep the job, say so, try later.
+        delay_s = min(FAILING_RETRY_MAX_S, STORE_RETRY_S * 2 ** min(ctx["job_try"], 10))
+        log.error(
+            "event job failed; it runs again", job_id=job_id, error=type(exc).__name__, retry_in_s=delay_s
+        )
+        raise Retry(defer=delay_s) from exc
+    if outcome.again:
+        raise Retry(defer=None)  # parked behind an earlier event: the claim set its score
+
+
+async def run_handler(ctx: dict[str, Any], handler: str, payload: dict[str, Any]) -> str:
+    """arq job: deliver one event to one handler; run again while waiting or retrying."""
+    delivery: Delivery = ctx[CTX_DELIVERY]
+    job_id: str = ctx["job_id"]
+    try:
+        outcome = await delivery.deliver(handler, payload, job_id=job_id, job_try=ctx["job_try"])
     except redis.RedisError as exc:
         log.warning(
             "delivery deferred: Redis failed", job_id=job_id, handler=handler, error=type(exc).__name__
         )
-        await _keep_job(ctx["redis"], job_id, STORE_RETRY_S)
         raise Retry(defer=STORE_RETRY_S) from exc
+    except Exception as exc:
+        delay_s = min(FAILING_RETRY_MAX_S, STORE_RETRY_S * 2 ** min(ctx["job_try"], 10))
+        log.error(
+            "handler job failed; it runs again", job_id=job_id, error=type(exc).__name__, retry_in_s=delay_s
+        )
+        raise Retry(defer=delay_s) from exc
     if outcome.again:
-        await _keep_job(ctx["redis"], job_id, outcome.delay_s or ORDER_PARK_S)
-        # Without a delay arq leaves the job's score as the claim script parked it.
-        raise Retry(defer=outcome.delay_s)
+        raise Retry(defer=None)  # the scripts set the job's score: leave it
     return outcome.kind
+
+
+# KEYS: the job's in-progress key, the queue. ARGV: job id, now ms, in-progress ms.
+# arq's check-and-mark of a job to start (WATCH, EXISTS, ZSCORE, MULTI/PSETEX/EXEC: four round
+# trips) as one script: the same rule, atomically. Returns the job's score, or false.
+_TAKE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[3])
+return score
+"""
+
+
+class FlexWorker(Worker):
+    """arq's worker, with two of its per-job round trips folded away.
+
+    - Starting a job: arq's optimistic transaction becomes one script (:data:`_TAKE`).
+    - Finishing it: a delivery's settle script already removed the job as arq would
+      (:meth:`worker.deliver.scripts.DeliveryScripts.settle` with ``finish``), and says so
+      in ``finished``; arq's own finishing transaction is then skipped.
+
+    Everything else (polling, concurrency, retries, the job's run) is arq's own.
+    """
+
+    def __init__(self, *args: Any, finished: set[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._finished = finished
+        self._take = self.pool.register_script(_TAKE)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        for job_id_b in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            score = await self._take(
+                keys=[in_progress_key_prefix + job_id, self.queue_name],
+                args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
+            )
+            if score is None:  # running elsewhere, done, or deferred since it was listed
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            task = asyncio.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        if job_id in self._finished:
+            # Finished by its settle already; arq's transaction would only re-add a removed job
+            # (a cancel after the settle asks arq to re-queue it).
+            self._finished.discard(job_id)
+            return
+        await super().finish_job(
+            job_id, finish, result_data, result_timeout_s, keep_result_forever, incr_score, keep_in_progress
+        )
 
 
 def build_worker(
     settings: Settings, redis_pool: ArqRedis, delivery: Delivery, *, burst: bool = False
 ) -> Worker:
     """An arq worker on this namespace's queue, delivering through ``delivery``."""
-    # arq must never cut an attempt short: ours end at the handler's timeout, then settle.
-    timeout_s = max(settings.job_timeout_s, delivery.longest_timeout_s + 30)
-    return Worker(
+    worker = FlexWorker(
+        finished=delivery.finished_jobs,
         functions=[
-            func(handle_event, name=EVENT_JOB_FUNCTION),
-            # No arq result: the delivery record already makes a second copy of the job a no-op,
-            # and storing a result would pickle the whole event once more.
-            func(run_handler, name=HANDLER_JOB_FUNCTION, timeout=timeout_s, keep_result=0),
+            # No arq results: the delivery records already make a copy of a job a no-op, and a
+            # result would pickle the whole event once more.
+            func(
+                sys.modules[__name__].handle_event,
+                name=EVENT_JOB_FUNCTION,
+                timeout=ARQ_TIMEOUT_S,
+                keep_result=0,
+            ),
+            func(run_handler, name=HANDLER_JOB_FUNCTION, timeout=ARQ_TIMEOUT_S, keep_result=0),
         ],
         queue_name=settings.queue_name,
         redis_pool=redis_pool,
         burst=burst,
         handle_signals=False,
         max_jobs=settings.worker_max_jobs,
-        job_timeout=settings.job_timeout_s,
-        keep_result=KEEP_RESULT_S,
+        job_timeout=ARQ_TIMEOUT_S,
+        keep_result=0,
         max_tries=ARQ_MAX_TRIES,
-        poll_delay=0.1,
+        poll_delay=0.05,
         ctx={CTX_DELIVERY: delivery},
         log_results=False,
     )
+    # arq sizes this from the longest timeout; our heartbeat renews it instead (keep_alive).
+    worker.in_progress_timeout_s = IN_PROGRESS_S
+    return worker
+
+
+async def keep_alive(worker: Worker, delivery: Delivery) -> None:
+    """Renew the in-progress keys of the worker's running jobs, and its roster entries, forever."""
+    announced_s = -float("inf")
+    while True:
+        try:
+            if time.monotonic() - announced_s >= HEARTBEAT_S:
+                await delivery.roster.announce()
+                announced_s = time.monotonic()
+            running = [job_id for job_id, task in list(worker.tasks.items()) if not task.done()]
+            if running:
+                async with worker.pool.pipeline(transaction=False) as pipe:
+                    for job_id in running:
+                        pipe.pexpire(in_progress_key_prefix + job_id, int(IN_PROGRESS_S * 1000))
+                    await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.debug("heartbeat missed: Redis failed", error=type(exc).__name__)
+        await asyncio.sleep(RENEW_S)

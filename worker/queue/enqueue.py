@@ -1,15 +1,15 @@
 """Putting transition events on the arq queue, each exactly once.
 
-Each event becomes one arq job whose ``_job_id`` is the event key, so arq refuses a
-second copy while the job or its result exists. arq forgets a job id once its
-result expires, so we also keep a "seen" record per key for
-``seen_retention_s`` (far longer than any source's lookback) and skip seen events
-before asking arq.
+Each event becomes one arq job whose id is the namespace prefix and the event key
+(:func:`~worker.queue.ordering.event_job_id`), so arq refuses a second copy while the
+job exists. arq forgets a job id once the job has run, so we also keep a "seen"
+record per key for ``seen_retention_s`` (far longer than any source's lookback) and
+skip seen events before asking arq.
 
 Order of writes matters: the job is enqueued first and marked seen after. A crash
-in between leaves the event unmarked, so the next cycle offers it again and arq's
-job id (whose job or result is still there minutes later) refuses the copy;
-marking first could lose the event.
+in between leaves the event unmarked, so the next cycle offers it again: arq's job
+id refuses the copy while the job waits, and a copy queued after the job ran finds
+every delivery done (a no-op). Marking first could lose the event.
 
 Each job is written together with the event's entry in its transaction's
 event-level pending set, in one script, so that handlers get a transaction's
@@ -24,11 +24,11 @@ from arq.connections import ArqRedis
 
 from worker.events import TransitionEvent
 from worker.queue.keys import Keys
-from worker.queue.ordering import EVENT_JOB_FUNCTION, Ordering, QueuedJob
+from worker.queue.ordering import EVENT_JOB_FUNCTION, ORDER_PARK_S, Ordering, QueuedJob, event_job_id
 
 __all__ = ["JOB_FUNCTION", "EventQueue"]
 
-#: Name of the arq job function that receives each event (the fan-out to handlers).
+#: Name of the arq job function that receives each event (delivered inline to the handlers).
 JOB_FUNCTION = EVENT_JOB_FUNCTION
 #: Events per enqueue script: a deep backlog must not hold Redis in one long script.
 _BATCH = 200
@@ -49,7 +49,6 @@ class EventQueue:
         self._prefix = prefix
         self.queue_name = queue_name
         self._seen_retention_ms = int(seen_retention_s * 1000)
-        self._seen_retention_s = seen_retention_s
         self._keys = Keys(prefix)
         self._ordering = Ordering(redis, self._keys, queue_name=queue_name)
 
@@ -73,7 +72,7 @@ class EventQueue:
         for start in range(0, len(fresh), _BATCH):
             jobs = [
                 QueuedJob(
-                    job_id=event.key,
+                    job_id=event_job_id(self._prefix, event.key),
                     function=JOB_FUNCTION,
                     args=(event.model_dump(mode="json"),),
                     pending_key=self._keys.order(event.transaction_id),
@@ -81,8 +80,7 @@ class EventQueue:
                 )
                 for event in fresh[start : start + _BATCH]
             ]
-            # The pending entry lives as long as the seen record: past that the event is forgotten anyway.
-            results = await self._ordering.enqueue(jobs, pending_ttl_s=self._seen_retention_s)
+            results = await self._ordering.enqueue(jobs, park_s=ORDER_PARK_S)
             created += sum(results)
         if fresh:
             async with self._redis.pipeline(transaction=False) as pipe:

@@ -18,27 +18,32 @@ Every key is under the namespace prefix ``P = flexworker:<namespace>``:
 ``P:skipped:index``                zset    the same ids scored by when they were last seen (ms)
 ``P:stats:poll``                   hash    poll counters: ``skipped``
 ``P:seen:<event key>``             string  the queue saw this event (``FLEXWORKER_SEEN_RETENTION_S``)
-``P:order:<transaction id>``       zset    events queued but not yet fanned out: job id (= event
-                                           key) scored by transition index; expires with the seen
-                                           retention
-``P:pending:<handler>:<tx id>``    zset    a handler's undelivered events of a transaction: handler
-                                           job id scored by transition index; expires with the
-                                           idempotency retention
+``P:order:<transaction id>``       zset    events queued whose event job has not settled: event job
+                                           id scored by transition index (no expiry)
+``P:pending:<handler>:<tx id>``    zset    a handler's deliveries of a transaction waiting in handler
+                                           jobs: handler job id scored by transition index (no
+                                           expiry)
+``P:deferred``                     zset    handler jobs deferred for a retry, scored by the retry
+                                           time (ms): never woken early
+``P:handlers``                     hash    handler name -> JSON (transitions, processes, ``at_ms``):
+                                           the handlers live workers run (:mod:`worker.deliver.roster`)
 ``P:delivery:<handler>:<event>``   hash    one handler's record of one event: ``status`` (done /
                                            dead), ``attempts``, ``first_attempt_at``, ``settled_at``,
-                                           ``error:<n>`` per failed attempt, ``step:<name>`` per step;
-                                           expires ``FLEXWORKER_IDEMPOTENCY_RETENTION_S`` after the
-                                           last write, kept while dead-lettered
-``P:claim:<handler>:<event>``      string the running attempt's token; expires with its lease
+                                           ``run`` (the claiming run's token), ``settled_by`` (the
+                                           job that settled it), ``retry_at`` (ms), ``error:<n>`` per
+                                           failed attempt, ``step:<name>`` per step; expires
+                                           ``FLEXWORKER_IDEMPOTENCY_RETENTION_S`` after the last
+                                           write, kept while dead-lettered
+``P:claim:<handler>:<event>``      string  the running attempt's token; expires with its lease
 ``P:stats:handler:<handler>``      hash    counters: done, retried, dead_lettered, skipped
 ``P:dlq``                          hash    dead letter id -> JSON record
 ``P:dlq:index``                    zset    dead letter id scored by dead-lettered time (ms)
 =================================  ======  ==========================================================
 
 Who writes them: cursors and the lease, :mod:`worker.poll`; seen, order and pending,
-:mod:`worker.queue.enqueue` and :mod:`worker.queue.ordering`; delivery records and
-claims, :mod:`worker.deliver.idempotency`; counters, :mod:`worker.deliver.delivery`;
-dead letters, :mod:`worker.deliver.dlq`.
+:mod:`worker.queue.enqueue` and :mod:`worker.queue.ordering`; delivery records,
+claims and counters, :mod:`worker.deliver.scripts`; the handler roster,
+:mod:`worker.deliver.roster`; dead letters, :mod:`worker.deliver.dlq`.
 
 arq's own keys (``arq:job:<id>``, ``arq:result:<id>``, the queue ``P:queue``) are
 arq's; the delivery core only writes them in arq's format when it enqueues.
@@ -90,6 +95,14 @@ class Keys:
 
     def pending(self, handler: str, transaction_id: object) -> str:
         return f"{self.prefix}:pending:{handler}:{transaction_id}"
+
+    @property
+    def deferred(self) -> str:
+        return f"{self.prefix}:deferred"
+
+    @property
+    def handlers(self) -> str:
+        return f"{self.prefix}:handlers"
 
     def delivery(self, handler: str, event_key: str) -> str:
         return f"{self.prefix}:delivery:{handler}:{event_key}"

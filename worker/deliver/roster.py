@@ -1,0 +1,139 @@
+"""The roster: which handlers the live workers of a namespace run.
+
+Replicas may run different handler lists for a while (a rolling deploy adds
+``crm`` to one replica before the next). An event job delivers inline to the
+handlers its own worker runs, and queues a handler job for every handler that
+another live worker runs and whose transition and process patterns match (its
+predicate, if any, is asked by a worker that runs it). A worker that takes a
+handler job for a handler it does not run hands it back untouched: no attempt, no
+record, a short park (:data:`HANDBACK_S`). So during a deploy no delivery is lost
+and none burns its attempts on the wrong replica.
+
+Each worker writes its handlers to ``P:handlers`` (name -> JSON with the patterns and
+``at_ms``) when it starts and every :data:`HEARTBEAT_S` after; an entry is live for
+:data:`LIVE_S` after its last write. What that means for the lists an operator
+changes:
+
+- **Enabling** a handler: it receives the events whose jobs run after the first
+  worker running it has started (earlier events were never queued for it).
+- **Disabling** it on every worker: events already queued for it wait, handed back
+  each time with a longer park (:data:`ORPHAN_HANDBACK_S`), until a worker runs it
+  again; none is dead-lettered by a worker that cannot run it. New events stop
+  being queued for it :data:`LIVE_S` after the last worker running it stopped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from arq.connections import ArqRedis
+
+from worker.queue.keys import Keys
+from worker.registry import LoadedHandler
+
+__all__ = ["HANDBACK_S", "HEARTBEAT_S", "LIVE_S", "ORPHAN_HANDBACK_S", "Registration", "Roster"]
+
+#: How often a worker renews its roster entries.
+HEARTBEAT_S = 30.0
+#: An entry not renewed for this long is no longer live.
+LIVE_S = 600.0
+#: How often the roster is read again by an event job's worker.
+REFRESH_S = 5.0
+#: Park of a handler job handed back while another live worker runs its handler.
+HANDBACK_S = 1.0
+#: Park of a handler job no live worker can run.
+ORPHAN_HANDBACK_S = 60.0
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One handler as the roster knows it."""
+
+    name: str
+    transitions: tuple[str, ...]
+    processes: tuple[str, ...]
+    at_ms: int
+
+    def matches_names(self, transition: str, process_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(transition, p) for p in self.transitions) and any(
+            fnmatch.fnmatchcase(process_name, p) for p in self.processes
+        )
+
+
+class Roster:
+    """This worker's view of the namespace's handlers. ``clock`` is Unix seconds."""
+
+    def __init__(
+        self,
+        redis: ArqRedis,
+        keys: Keys,
+        local: Mapping[str, LoadedHandler],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._local = local
+        self._clock = clock
+        self._remote: list[Registration] = []
+        self._live: set[str] = set(local)
+        self._read_at_s = -float("inf")
+
+    async def announce(self) -> None:
+        """Write (renew) this worker's entries."""
+        if not self._local:
+            return
+        at_ms = int(self._clock() * 1000)
+        entries = {
+            name: json.dumps(
+                {
+                    "transitions": list(h.spec.subscription.transitions),
+                    "processes": list(h.spec.subscription.processes),
+                    "at_ms": at_ms,
+                },
+                separators=(",", ":"),
+            )
+            for name, h in self._local.items()
+        }
+        await self._redis.hset(self._keys.handlers, mapping=entries)  # type: ignore[misc]
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Read the roster again when the last read is older than :data:`REFRESH_S`."""
+        now_s = self._clock()
+        if not force and now_s - self._read_at_s < REFRESH_S:
+            return
+        raw: dict[bytes, bytes] = await self._redis.hgetall(self._keys.handlers)  # type: ignore[misc]
+        remote, live = [], set(self._local)
+        for name_b, value in raw.items():
+            name = name_b.decode()
+            try:
+                data = json.loads(value)
+                registration = Registration(
+                    name, tuple(data["transitions"]), tuple(data["processes"]), int(data["at_ms"])
+                )
+            except (ValueError, KeyError, TypeError):
+                continue  # not ours to judge; a worker running it rewrites it
+            if now_s * 1000 - registration.at_ms > LIVE_S * 1000:
+                continue
+            live.add(name)
+            if name not in self._local:
+                remote.append(registration)
+        self._remote, self._live = remote, live
+        self._read_at_s = now_s
+
+    def remote_targets(self, transition: str, process_name: str) -> list[str]:
+        """Handlers only other live workers run whose patterns match the event."""
+        return [r.name for r in self._remote if r.matches_names(transition, process_name)]
+
+    def is_live(self, name: str) -> bool:
+        """Whether some live worker (this one included) runs ``name``."""
+        return name in self._live
+
+    @property
+    def all_names(self) -> Sequence[str]:
+        """Every live handler's name (local first): the pending sets an event job wakes."""
+        return [*self._local, *(r.name for r in self._remote)]
