@@ -28,6 +28,7 @@ from worker.api.models import Transaction
 from worker.deliver.delivery import Delivery
 from worker.deliver.dlq import init_sentry
 from worker.deliver.runner import build_worker, keep_alive
+from worker.deliver.upgrade import persist_queued
 from worker.errors import HandlerStartupError, StoreError
 from worker.events import SourceName
 from worker.poll.cursor import CursorStore
@@ -182,6 +183,8 @@ async def run_worker(
         started_handlers(loaded),
     ):
         delivery = Delivery(redis_pool, settings, loaded, client=client, http=http, rng=rng)
+        # Jobs an earlier version queued carry arq's one-day expiry: drop it before anything runs.
+        await persist_queued(redis_pool, delivery.keys, queue_name=settings.queue_name)
         while True:
             worker = build_worker(settings, redis_pool, delivery)
             heartbeat = asyncio.create_task(keep_alive(worker, delivery))

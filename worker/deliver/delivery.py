@@ -78,7 +78,7 @@ from worker.api.client import IntegrationClient
 from worker.deliver.dlq import EVENT_JOB_LETTER, DeadLetter, DeadLetters, Reason, report
 from worker.deliver.failures import ErrorRecord, classify, describe
 from worker.deliver.idempotency import LEASE_MARGIN_S, DeliveryRecords
-from worker.deliver.roster import HANDBACK_S, ORPHAN_HANDBACK_S, Roster
+from worker.deliver.roster import HANDBACK_S, ORPHAN_GRACE_S, ORPHAN_HANDBACK_S, Roster
 from worker.deliver.scripts import Claim, DeliveryScripts, Settlement
 from worker.events import TransitionEvent
 from worker.plugin import HandlerContext, RetryPolicy
@@ -299,15 +299,15 @@ class Delivery:
             return Outcome("dead")
         loaded = self.handlers.get(handler)
         if loaded is None:
-            # Not ours to run: hand it back untouched, for a worker that runs it.
             await self.roster.refresh()
-            park_s = HANDBACK_S if self.roster.is_live(handler) else ORPHAN_HANDBACK_S
-            await self._redis.zadd(
-                self.ordering.queue_name, {job_id: self.ordering.now_ms() + park_s * 1000}, xx=True
-            )
-            return Outcome("handback")
+            absent_s = self.roster.absent_s(handler)
+            if absent_s < ORPHAN_GRACE_S:
+                # Not ours to run: hand it back untouched, for a worker that runs it.
+                park_s = HANDBACK_S if absent_s == 0 else ORPHAN_HANDBACK_S
+                await self._park(job_id, park_s)
+                return Outcome("handback")
         token = f"{job_id}#{job_try}"
-        policy = loaded.spec.retry
+        policy = loaded.spec.retry if loaded is not None else RetryPolicy()
         (claim,) = await self.scripts.claim(
             [(handler, policy.timeout_s + LEASE_MARGIN_S)],
             event_key=ids.key,
@@ -325,11 +325,12 @@ class Delivery:
         if claim.state in ("blocked", "deferred"):
             return Outcome("wait")
         if claim.state == "busy":
-            wait_s = min(max(claim.busy_for_s, 0.1), BUSY_WAIT_MAX_S)
-            await self._redis.zadd(
-                self.ordering.queue_name, {job_id: self.ordering.now_ms() + int(wait_s * 1000)}, xx=True
-            )
+            await self._park(job_id, min(max(claim.busy_for_s, 0.1), BUSY_WAIT_MAX_S))
             return Outcome("wait")
+        if loaded is None:
+            settlement = await self._orphaned(handler, payload, ids, job_id, claim.attempt)
+            await self._settle([settlement], ids, token=token, job_id=job_id, wake=wake)
+            return Outcome("dead")
         event: TransitionEvent | None = None
         invalid: Exception | None = None
         try:
@@ -345,6 +346,24 @@ class Delivery:
         return Outcome(
             "retry" if settlement.kind == "retry" else "dead" if settlement.kind == "dead" else "done"
         )
+
+    async def _park(self, job_id: str, wait_s: float) -> None:
+        """Move this running job's score ``wait_s`` ahead (it returns with ``Retry(None)``)."""
+        score_ms = self.ordering.now_ms() + int(wait_s * 1000)
+        await self._redis.zadd(self.ordering.queue_name, {job_id: score_ms}, xx=True)
+
+    async def _orphaned(
+        self, handler: str, payload: dict[str, Any], ids: _Ids, job_id: str, attempt: int
+    ) -> Settlement:
+        absent_s = self.roster.absent_s(handler)
+        since = "never seen" if absent_s == float("inf") else f"not seen for {absent_s:.0f} s"
+        error = ErrorRecord(
+            at=self._now(),
+            attempt=attempt,
+            type="HandlerNotRunning",
+            message=f"no live worker runs handler {handler!r} ({since}); replay once one does, or purge",
+        )
+        return await self._dead(handler, payload, ids, job_id, attempt, error, "internal")
 
     # -- one attempt ----------------------------------------------------------------------
 

@@ -16,10 +16,13 @@ changes:
 
 - **Enabling** a handler: it receives the events whose jobs run after the first
   worker running it has started (earlier events were never queued for it).
-- **Disabling** it on every worker: events already queued for it wait, handed back
-  each time with a longer park (:data:`ORPHAN_HANDBACK_S`), until a worker runs it
-  again; none is dead-lettered by a worker that cannot run it. New events stop
-  being queued for it :data:`LIVE_S` after the last worker running it stopped.
+- **Disabling** it on every worker: new events stop being queued for it
+  :data:`LIVE_S` after the last worker running it stopped. Deliveries already queued
+  for it are handed back with a longer park (:data:`ORPHAN_HANDBACK_S`) for
+  :data:`ORPHAN_GRACE_S` (a restart or a slow deploy brings it back in time), then
+  dead-lettered with reason ``internal`` ("no live worker runs handler ..."), so the
+  queue drains and nothing is dropped: ``flexworker dlq replay`` once it runs again,
+  or ``purge``. A worker that cannot run a handler never spends its retries.
 """
 
 from __future__ import annotations
@@ -35,12 +38,22 @@ from arq.connections import ArqRedis
 from worker.queue.keys import Keys
 from worker.registry import LoadedHandler
 
-__all__ = ["HANDBACK_S", "HEARTBEAT_S", "LIVE_S", "ORPHAN_HANDBACK_S", "Registration", "Roster"]
+__all__ = [
+    "HANDBACK_S",
+    "HEARTBEAT_S",
+    "LIVE_S",
+    "ORPHAN_GRACE_S",
+    "ORPHAN_HANDBACK_S",
+    "Registration",
+    "Roster",
+]
 
 #: How often a worker renews its roster entries.
 HEARTBEAT_S = 30.0
-#: An entry not renewed for this long is no longer live.
-LIVE_S = 600.0
+#: An entry not renewed for this long (three missed heartbeats) is no longer live.
+LIVE_S = 90.0
+#: A handler no live worker has run for this long has its queued deliveries dead-lettered.
+ORPHAN_GRACE_S = 600.0
 #: How often the roster is read again by an event job's worker.
 REFRESH_S = 5.0
 #: Park of a handler job handed back while another live worker runs its handler.
@@ -81,6 +94,7 @@ class Roster:
         self._clock = clock
         self._remote: list[Registration] = []
         self._live: set[str] = set(local)
+        self._seen_ms: dict[str, int] = {}
         self._read_at_s = -float("inf")
 
     async def announce(self) -> None:
@@ -107,7 +121,7 @@ class Roster:
         if not force and now_s - self._read_at_s < REFRESH_S:
             return
         raw: dict[bytes, bytes] = await self._redis.hgetall(self._keys.handlers)  # type: ignore[misc]
-        remote, live = [], set(self._local)
+        remote, live, seen_ms = [], set(self._local), {}
         for name_b, value in raw.items():
             name = name_b.decode()
             try:
@@ -117,12 +131,13 @@ class Roster:
                 )
             except (ValueError, KeyError, TypeError):
                 continue  # not ours to judge; a worker running it rewrites it
+            seen_ms[name] = registration.at_ms
             if now_s * 1000 - registration.at_ms > LIVE_S * 1000:
                 continue
             live.add(name)
             if name not in self._local:
                 remote.append(registration)
-        self._remote, self._live = remote, live
+        self._remote, self._live, self._seen_ms = remote, live, seen_ms
         self._read_at_s = now_s
 
     def remote_targets(self, transition: str, process_name: str) -> list[str]:
@@ -132,6 +147,13 @@ class Roster:
     def is_live(self, name: str) -> bool:
         """Whether some live worker (this one included) runs ``name``."""
         return name in self._live
+
+    def absent_s(self, name: str) -> float:
+        """How long no live worker has run ``name`` (0 while one does; infinite if none ever did)."""
+        if self.is_live(name):
+            return 0.0
+        seen_ms = self._seen_ms.get(name)
+        return float("inf") if seen_ms is None else max(0.0, self._clock() - seen_ms / 1000)
 
     @property
     def all_names(self) -> Sequence[str]:
