@@ -7,6 +7,9 @@
   it (``FLEXWORKER_WORKER_MAX_JOBS=100``) delivers them to one no-op plugin handler, then,
   on a fresh namespace, to three: deliveries ((event, handler) pairs) per second.
 
+Also printed, not as a baseline: plain arq jobs that carry an event-sized argument (what
+arq itself pays to store, read and unpickle a payload like ours).
+
 Printed: each rate, its ratio to the baseline, and Redis commands per delivery from
 ``INFO commandstats`` (calls inside Lua scripts included; ``eval``/``evalsha`` counted
 apart, one round trip each). Not part of the test run.
@@ -36,11 +39,12 @@ from worker.registry import activate
 from worker.service import build_poller
 from worker.settings import Settings
 from worker.sim import SimConfig, Simulator, serve
+from worker.testing import make_event
 
 MAX_JOBS = 100
 
 
-async def noop(ctx: dict[str, Any], n: int) -> None:
+async def noop(ctx: dict[str, Any], n: Any) -> None:
     return None
 
 
@@ -57,16 +61,21 @@ async def commandstats(pool: ArqRedis) -> Counter[str]:
     return Counter({name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in info.items()})
 
 
-async def plain_arq(redis_url: str, events: int) -> tuple[float, Counter[str]]:
-    pool = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name="bench:plain")
+async def plain_arq(redis_url: str, events: int, payload: Any = None) -> tuple[float, Counter[str]]:
+    """Plain arq no-op jobs per second; each job's argument is its number, or ``payload``."""
+    queue = "bench:plain" if payload is None else "bench:plain-payload"
+    pool = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name=queue)
     try:
         for start in range(0, events, 500):
             await asyncio.gather(
-                *(pool.enqueue_job("noop", n) for n in range(start, min(events, start + 500)))
+                *(
+                    pool.enqueue_job("noop", n if payload is None else payload)
+                    for n in range(start, min(events, start + 500))
+                )
             )
         worker = Worker(
             functions=[func(noop, name="noop")],
-            queue_name="bench:plain",
+            queue_name=queue,
             redis_pool=pool,
             burst=True,
             handle_signals=False,
@@ -128,6 +137,11 @@ async def flexworker(
             await pool.aclose()
 
 
+def sample_payload() -> dict[str, Any]:
+    """One event as the poller queues it (a booking's confirm-payment, with its transaction)."""
+    return make_event("transition/confirm-payment").model_dump(mode="json")
+
+
 def per_delivery(stats: Counter[str], deliveries: int) -> str:
     scripts = stats["eval"] + stats["evalsha"]
     total = sum(stats.values())
@@ -140,6 +154,12 @@ async def main(events: int, repeat: int, seed: int) -> None:
         for run in range(1, repeat + 1):
             base_rate, base_stats = await plain_arq(redis.url, events)
             print(f"run {run}: plain arq: {base_rate:.0f} jobs/s; {per_delivery(base_stats, events)}")
+            # Not the baseline, only to show what arq itself pays for an event-sized argument.
+            sized_rate, _ = await plain_arq(redis.url, events, payload=sample_payload())
+            print(
+                f"run {run}: plain arq, jobs carrying an event as argument: {sized_rate:.0f} jobs/s, "
+                f"ratio {sized_rate / base_rate:.2f}"
+            )
             for handlers in (1, 3):
                 rate, stats = await flexworker(redis.url, events, handlers, f"bench-{run}-{handlers}", seed)
                 print(

@@ -78,7 +78,14 @@ from worker.api.client import IntegrationClient
 from worker.deliver.dlq import EVENT_JOB_LETTER, DeadLetter, DeadLetters, Reason, report
 from worker.deliver.failures import ErrorRecord, classify, describe
 from worker.deliver.idempotency import LEASE_MARGIN_S, DeliveryRecords
-from worker.deliver.roster import HANDBACK_S, ORPHAN_GRACE_S, ORPHAN_HANDBACK_S, Roster
+from worker.deliver.roster import (
+    HANDBACK_LEAVE_S,
+    HANDBACK_MAX_S,
+    HANDBACK_S,
+    ORPHAN_GRACE_S,
+    ORPHAN_HANDBACK_S,
+    Roster,
+)
 from worker.deliver.scripts import Claim, DeliveryScripts, Settlement
 from worker.events import TransitionEvent
 from worker.plugin import HandlerContext, RetryPolicy
@@ -162,6 +169,8 @@ class Delivery:
         self.dead_letters = DeadLetters(redis, settings, clock=clock)
         #: Jobs whose settle also finished them as arq would (read by the worker, see runner).
         self.finished_jobs: set[str] = set()
+        #: Jobs this worker handed back, and until when (monotonic s) it leaves them to others.
+        self.handed_back: dict[str, float] = {}
         self._client = client
         self._http = http
         self._rng = rng or random.Random()
@@ -303,8 +312,18 @@ class Delivery:
             absent_s = self.roster.absent_s(handler)
             if absent_s < ORPHAN_GRACE_S:
                 # Not ours to run: hand it back untouched, for a worker that runs it.
-                park_s = HANDBACK_S if absent_s == 0 else ORPHAN_HANDBACK_S
-                await self._park(job_id, park_s)
+                # Jittered: a fixed park would bring the job due just before this same worker's
+                # next poll every time, so the worker that runs the handler might never get it;
+                # and longer each time it comes back (arq's try count), so that a busy worker
+                # running the handler is not raced by a tight loop of hand-backs.
+                park_s = (
+                    min(HANDBACK_S * 2 ** min(job_try - 1, 10), HANDBACK_MAX_S)
+                    if absent_s == 0
+                    else ORPHAN_HANDBACK_S
+                )
+                wait_s = park_s * (0.5 + self._rng.random())
+                await self._park(job_id, wait_s)
+                self._hand_back(job_id, wait_s)
                 return Outcome("handback")
         token = f"{job_id}#{job_try}"
         policy = loaded.spec.retry if loaded is not None else RetryPolicy()
@@ -346,6 +365,25 @@ class Delivery:
         return Outcome(
             "retry" if settlement.kind == "retry" else "dead" if settlement.kind == "dead" else "done"
         )
+
+    def _hand_back(self, job_id: str, wait_s: float) -> None:
+        # When the job comes due again, leave it to the others for a while: whichever worker polls
+        # first takes a due job, and it must not keep being this one.
+        now_s = time.monotonic()
+        if len(self.handed_back) > 10_000:
+            for stale in [j for j, until_s in self.handed_back.items() if until_s < now_s]:
+                del self.handed_back[stale]
+        self.handed_back[job_id] = now_s + wait_s + HANDBACK_LEAVE_S
+
+    def leaves_to_others(self, job_id: str) -> bool:
+        """Whether this worker should not take ``job_id`` now (it handed it back lately)."""
+        until_s = self.handed_back.get(job_id)
+        if until_s is None:
+            return False
+        if until_s < time.monotonic():
+            del self.handed_back[job_id]
+            return False
+        return True
 
     async def _park(self, job_id: str, wait_s: float) -> None:
         """Move this running job's score ``wait_s`` ahead (it returns with ``Retry(None)``)."""

@@ -6,7 +6,8 @@ handlers its own worker runs, and queues a handler job for every handler that
 another live worker runs and whose transition and process patterns match (its
 predicate, if any, is asked by a worker that runs it). A worker that takes a
 handler job for a handler it does not run hands it back untouched: no attempt, no
-record, a short park (:data:`HANDBACK_S`). So during a deploy no delivery is lost
+record, a short park (:data:`HANDBACK_S`, growing and jittered), after which it
+leaves the job to the others for a moment (:data:`HANDBACK_LEAVE_S`). So during a deploy no delivery is lost
 and none burns its attempts on the wrong replica.
 
 Each worker writes its handlers to ``P:handlers`` (name -> JSON with the patterns and
@@ -39,6 +40,8 @@ from worker.queue.keys import Keys
 from worker.registry import LoadedHandler
 
 __all__ = [
+    "HANDBACK_LEAVE_S",
+    "HANDBACK_MAX_S",
     "HANDBACK_S",
     "HEARTBEAT_S",
     "LIVE_S",
@@ -56,8 +59,13 @@ LIVE_S = 90.0
 ORPHAN_GRACE_S = 600.0
 #: How often the roster is read again by an event job's worker.
 REFRESH_S = 5.0
-#: Park of a handler job handed back while another live worker runs its handler.
-HANDBACK_S = 1.0
+#: Park of a handler job handed back while another live worker runs its handler: doubled at
+#: each hand-back of the same job up to :data:`HANDBACK_MAX_S`, jittered by ±50%.
+HANDBACK_S = 0.2
+HANDBACK_MAX_S = 5.0
+#: For this long after a handed-back job comes due, the worker that handed it back does not
+#: take it again: the first worker to poll takes a due job, so the others get their turn.
+HANDBACK_LEAVE_S = 1.0
 #: Park of a handler job no live worker can run.
 ORPHAN_HANDBACK_S = 60.0
 

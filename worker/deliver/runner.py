@@ -20,8 +20,8 @@ the dead attempt's claim, see :mod:`worker.deliver.delivery`).
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -121,6 +121,8 @@ class FlexWorker(Worker):
     """arq's worker, with two of its per-job round trips folded away.
 
     - Starting a job: arq's optimistic transaction becomes one script (:data:`_TAKE`).
+    - A handler job this worker handed back (it does not run that handler) is left to the
+      other workers for a moment when it comes due (``leave``).
     - Finishing it: a delivery's settle script already removed the job as arq would
       (:meth:`worker.deliver.scripts.DeliveryScripts.settle` with ``finish``), and says so
       in ``finished``; arq's own finishing transaction is then skipped.
@@ -128,9 +130,12 @@ class FlexWorker(Worker):
     Everything else (polling, concurrency, retries, the job's run) is arq's own.
     """
 
-    def __init__(self, *args: Any, finished: set[str], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, finished: set[str], leave: Callable[[str], bool] = lambda _: False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._finished = finished
+        self._leave = leave
         self._take = self.pool.register_script(_TAKE)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
@@ -141,6 +146,10 @@ class FlexWorker(Worker):
                 return
             self.job_counter += 1
             job_id = job_id_b.decode()
+            if self._leave(job_id):  # handed back by this worker lately: the others' turn
+                self.job_counter -= 1
+                self.sem.release()
+                continue
             score = await self._take(
                 keys=[in_progress_key_prefix + job_id, self.queue_name],
                 args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
@@ -179,15 +188,11 @@ def build_worker(
     """An arq worker on this namespace's queue, delivering through ``delivery``."""
     worker = FlexWorker(
         finished=delivery.finished_jobs,
+        leave=delivery.leaves_to_others,
         functions=[
             # No arq results: the delivery records already make a copy of a job a no-op, and a
             # result would pickle the whole event once more.
-            func(
-                sys.modules[__name__].handle_event,
-                name=EVENT_JOB_FUNCTION,
-                timeout=ARQ_TIMEOUT_S,
-                keep_result=0,
-            ),
+            func(handle_event, name=EVENT_JOB_FUNCTION, timeout=ARQ_TIMEOUT_S, keep_result=0),
             func(run_handler, name=HANDLER_JOB_FUNCTION, timeout=ARQ_TIMEOUT_S, keep_result=0),
         ],
         queue_name=settings.queue_name,
