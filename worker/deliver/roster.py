@@ -16,7 +16,8 @@ Each worker writes its handlers to ``P:handlers`` (name -> JSON with the pattern
 changes:
 
 - **Enabling** a handler: it receives the events whose jobs run after the first
-  worker running it has started (earlier events were never queued for it).
+  worker running it has started (on a worker without it, from at most
+  :data:`REFRESH_S` later); earlier events were never queued for it (a backfill's job).
 - **Disabling** it on every worker: new events stop being queued for it
   :data:`LIVE_S` after the last worker running it stopped. Deliveries already queued
   for it are handed back with a longer park (:data:`ORPHAN_HANDBACK_S`) for
