@@ -476,9 +476,8 @@ async def test_a_retry_keeps_its_backoff_when_its_job_runs_again(arq_redis: ArqR
         **run,  # type: ignore[arg-type]
     )
     assert (first.state, first.attempt) == ("claimed", 1)
-    retry_at = ordering.now_ms() + 60_000
     error = ErrorRecord(at=datetime.now(UTC), attempt=1, type="OSError", message="refused")
-    retry = Settlement("crm", "retry", error=error, retry_at_ms=retry_at)
+    retry = Settlement("crm", "retry", error=error, retry_in_ms=60_000)
     assert await scripts.settle([retry], token=f"{job_id}#1", record_now_ms=1_000_000, **run) == [True]  # type: ignore[arg-type]
     # The job runs again long before its retry time (a copy, a wake-up, a worker's restart).
     (again,) = await scripts.claim(
@@ -488,8 +487,11 @@ async def test_a_retry_keeps_its_backoff_when_its_job_runs_again(arq_redis: ArqR
         record_now_ms=1_000_000,
         **run,  # type: ignore[arg-type]
     )
+    # The retry time is on Redis's clock, set by the settle: a minute from then.
+    retry_at = int(await arq_redis.hget(keys.delivery("crm", "ev"), "retry_at"))  # type: ignore[misc]
+    seconds, micros = await arq_redis.time()
+    assert 59_000 < retry_at - (seconds * 1000 + micros // 1000) <= 60_000
     assert (again.state, again.retry_at_ms) == ("deferred", retry_at)
-    assert await arq_redis.hget(keys.delivery("crm", "ev"), "retry_at") == str(retry_at).encode()  # type: ignore[misc]
     record = await DeliveryRecords(arq_redis, keys, retention_s=3600).read("crm", "ev")
     assert (record.status, record.attempts) == (None, 1)
     assert await arq_redis.zscore("t:queue", job_id) == retry_at

@@ -45,6 +45,10 @@ from worker.settings import Settings
 
 __all__ = ["build_poller", "open_redis", "poller_lease", "run_poller", "run_worker", "started_handlers"]
 
+#: What counts as Redis being away (waited out); any other Redis error (a script refused, say)
+#: is a fault that ends the worker with one line instead of a loop of outage warnings.
+_OUTAGE = (redis.ConnectionError, redis.TimeoutError, OSError)
+
 #: How long a stopping worker lets running attempts finish before cancelling them.
 SHUTDOWN_GRACE_S = 10.0
 
@@ -191,7 +195,7 @@ async def run_worker(
             try:
                 await _run_arq_worker(worker, stop)
                 return
-            except (redis.RedisError, OSError) as exc:
+            except _OUTAGE as exc:
                 # Redis went away under the worker: wait for it, then start a fresh arq worker on the
                 # same pool. Queued jobs are in Redis; the ones that were running run again.
                 await _wait_for_redis(redis_pool, stop, exc, limit_s=settings.redis_outage_limit_s)
@@ -231,7 +235,7 @@ async def _run_arq_worker(worker: Worker, stop: asyncio.Event) -> None:
             for job in worker.tasks.values():
                 job.cancel()
     if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
-        if isinstance(exc, redis.RedisError | OSError):
+        if isinstance(exc, _OUTAGE):
             raise exc
         raise StoreError(f"worker stopped: {exc}") from exc
 

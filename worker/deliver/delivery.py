@@ -138,8 +138,9 @@ def _ids(payload: dict[str, Any]) -> _Ids:
 class Delivery:
     """Runs event and handler jobs for one worker.
 
-    ``rng`` drives backoff jitter, ``clock`` (Unix seconds) the recorded times and
-    ``queue_clock`` the queue's scores (arq scores by wall time), so tests can pin them.
+    ``rng`` drives backoff jitter and ``clock`` (Unix seconds) the recorded times;
+    ``queue_clock`` pins the clock of queue scores and retry times, which is otherwise
+    Redis's own (so hosts whose clocks disagree agree); tests pin both.
     """
 
     def __init__(
@@ -152,7 +153,7 @@ class Delivery:
         http: aiohttp.ClientSession,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
-        queue_clock: Callable[[], float] = time.time,
+        queue_clock: Callable[[], float] | None = None,
     ) -> None:
         self._redis = redis
         self.settings = settings
@@ -387,8 +388,7 @@ class Delivery:
 
     async def _park(self, job_id: str, wait_s: float) -> None:
         """Move this running job's score ``wait_s`` ahead (it returns with ``Retry(None)``)."""
-        score_ms = self.ordering.now_ms() + int(wait_s * 1000)
-        await self._redis.zadd(self.ordering.queue_name, {job_id: score_ms}, xx=True)
+        await self.scripts.park(job_id, wait_s)
 
     async def _orphaned(
         self, handler: str, payload: dict[str, Any], ids: _Ids, job_id: str, attempt: int
@@ -518,9 +518,9 @@ class Delivery:
             where=error.where,
             retry_in_s=round(delay_s, 3),
         )
-        retry_at_ms = self.ordering.now_ms() + int(delay_s * 1000)
-        job = self._handler_job(loaded.name, payload, ids, not_before_ms=retry_at_ms) if inline else None
-        return Settlement(loaded.name, "retry", error=error, retry_at_ms=retry_at_ms, job=job)
+        # The retry time itself is set by the settle script, on Redis's clock.
+        job = self._handler_job(loaded.name, payload, ids) if inline else None
+        return Settlement(loaded.name, "retry", error=error, retry_in_ms=int(delay_s * 1000), job=job)
 
     async def _dead(
         self,

@@ -87,7 +87,11 @@ class Registration:
 
 
 class Roster:
-    """This worker's view of the namespace's handlers. ``clock`` is Unix seconds."""
+    """This worker's view of the namespace's handlers.
+
+    Entry times are on Redis's clock (so hosts whose clocks disagree agree) unless a
+    test pins ``clock`` (Unix seconds).
+    """
 
     def __init__(
         self,
@@ -95,7 +99,7 @@ class Roster:
         keys: Keys,
         local: Mapping[str, LoadedHandler],
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -104,13 +108,20 @@ class Roster:
         self._remote: list[Registration] = []
         self._live: set[str] = set(local)
         self._seen_ms: dict[str, int] = {}
-        self._read_at_s = -float("inf")
+        self._read_at_s = -float("inf")  # monotonic
+        self._read_now_s = 0.0  # the roster's clock at that read
+
+    async def _now_s(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        seconds, micros = await self._redis.time()
+        return float(seconds) + float(micros) / 1e6
 
     async def announce(self) -> None:
         """Write (renew) this worker's entries."""
         if not self._local:
             return
-        at_ms = int(self._clock() * 1000)
+        at_ms = int(await self._now_s() * 1000)
         entries = {
             name: json.dumps(
                 {
@@ -126,9 +137,9 @@ class Roster:
 
     async def refresh(self, *, force: bool = False) -> None:
         """Read the roster again when the last read is older than :data:`REFRESH_S`."""
-        now_s = self._clock()
-        if not force and now_s - self._read_at_s < REFRESH_S:
+        if not force and time.monotonic() - self._read_at_s < REFRESH_S:
             return
+        now_s = await self._now_s()
         raw: dict[bytes, bytes] = await self._redis.hgetall(self._keys.handlers)  # type: ignore[misc]
         remote, live, seen_ms = [], set(self._local), {}
         for name_b, value in raw.items():
@@ -147,7 +158,7 @@ class Roster:
             if name not in self._local:
                 remote.append(registration)
         self._remote, self._live, self._seen_ms = remote, live, seen_ms
-        self._read_at_s = now_s
+        self._read_at_s, self._read_now_s = time.monotonic(), now_s
 
     def remote_targets(self, transition: str, process_name: str) -> list[str]:
         """Handlers only other live workers run whose patterns match the event."""
@@ -162,7 +173,10 @@ class Roster:
         if self.is_live(name):
             return 0.0
         seen_ms = self._seen_ms.get(name)
-        return float("inf") if seen_ms is None else max(0.0, self._clock() - seen_ms / 1000)
+        if seen_ms is None:
+            return float("inf")
+        now_s = self._read_now_s + (time.monotonic() - self._read_at_s)
+        return max(0.0, now_s - seen_ms / 1000)
 
     @property
     def all_names(self) -> Sequence[str]:

@@ -28,7 +28,6 @@ import redis
 import structlog
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker, func
 
 from worker.deliver.delivery import Delivery
@@ -105,14 +104,18 @@ async def run_handler(ctx: dict[str, Any], handler: str, payload: dict[str, Any]
     return outcome.kind
 
 
-# KEYS: the job's in-progress key, the queue. ARGV: job id, now ms, in-progress ms.
+# KEYS: the job's in-progress key, the queue. ARGV: job id, in-progress ms.
 # arq's check-and-mark of a job to start (WATCH, EXISTS, ZSCORE, MULTI/PSETEX/EXEC: four round
-# trips) as one script: the same rule, atomically. Returns the job's score, or false.
+# trips) as one script: the same rule, atomically, with "due" judged by Redis's clock (a host
+# whose clock runs fast lists jobs early but cannot start them early). The job's score, or false.
 _TAKE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[3])
+local t = redis.call('TIME')
+if not score or tonumber(score) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then
+  return false
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
 return score
 """
 
@@ -152,7 +155,7 @@ class FlexWorker(Worker):
                 continue
             score = await self._take(
                 keys=[in_progress_key_prefix + job_id, self.queue_name],
-                args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
+                args=[job_id, int(self.in_progress_timeout_s * 1000)],
             )
             if score is None:  # running elsewhere, done, or deferred since it was listed
                 self.job_counter -= 1

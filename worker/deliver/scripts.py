@@ -27,7 +27,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from worker.deliver.dlq import DeadLetter
 from worker.deliver.failures import ErrorRecord
 from worker.queue.keys import Keys
-from worker.queue.ordering import ORDER_LUA, ORDER_PARK_S, Ordering, QueuedJob
+from worker.queue.ordering import ORDER_LUA, ORDER_PARK_S, Ordering, QueuedJob, now_ms
 
 __all__ = ["Claim", "ClaimState", "DeliveryScripts", "SettleKind", "Settlement"]
 
@@ -39,6 +39,7 @@ SettleKind = Literal["done", "skipped", "retry", "dead", "release"]
 # every key comes in that argument. A handler job's serialised job, for a retry queued
 # from an event job, follows as ARGV[2...] (binary, so not in the JSON).
 #
+# `now` (ms) is present only when a test pins the queue's clock; otherwise Redis's clock.
 # claim: {queue, order, deferred, now, record_now, token, index, job_prefix, park, retention,
 #         own, handler_mode, handlers: [{delivery, claim, pending, job, lease}]}
 # Returns per handler {state, value}, or {{'parked', 0}} for a parked event job.
@@ -46,7 +47,7 @@ _CLAIM = (
     ORDER_LUA
     + """
 local a = cjson.decode(ARGV[1])
-local now, token, index, own = a.now, a.token, a.index, a.own
+local now, token, index, own = clock_ms(a.now), a.token, a.index, a.own
 local out = {}
 if not a.handler_mode and first_blocker({a.order}, index, a.job_prefix) then
   -- An earlier event's job has not settled: it blocks every handler alike, so the event
@@ -100,13 +101,13 @@ return out
 # settle: {queue, order, deferred, dlq, dlq_index, now, record_now, token, retention, own,
 #          remove_from_order, index, finish: [arq's keys of the own job to delete] | false,
 #          wake: [zsets], handlers: [{delivery, claim, pending, stats, kind, error_field,
-#          error, retry_at, job_id, job_key, result_key, job_arg, dlq_id, letter}]}
+#          error, retry_in (ms), job_id, job_key, result_key, job_arg, dlq_id, letter}]}
 # Returns per handler 1 (applied) or 0 (not this run's to settle).
 _SETTLE = (
     ORDER_LUA
     + """
 local a = cjson.decode(ARGV[1])
-local now, token, own = a.now, a.token, a.own
+local now, token, own = clock_ms(a.now), a.token, a.own
 local applied = {}
 for _, h in ipairs(a.handlers) do
   local ok = 0
@@ -124,15 +125,16 @@ for _, h in ipairs(a.handlers) do
     if redis.call('GET', h.claim) == token then redis.call('DEL', h.claim) end
     if h.error_field ~= '' then redis.call('HSET', h.delivery, h.error_field, h.error) end
     if h.kind == 'retry' then
-      redis.call('HSET', h.delivery, 'retry_at', h.retry_at)
+      local at = now + h.retry_in
+      redis.call('HSET', h.delivery, 'retry_at', at)
       redis.call('PEXPIRE', h.delivery, a.retention)
       redis.call('HINCRBY', h.stats, 'retried', 1)
       if h.job_id == '' then
-        redis.call('ZADD', a.queue, 'XX', h.retry_at, own)
-        redis.call('ZADD', a.deferred, h.retry_at, own)
+        redis.call('ZADD', a.queue, 'XX', at, own)
+        redis.call('ZADD', a.deferred, at, own)
       elseif put_job(a.queue, h.job_key, h.result_key, h.pending, h.job_id, ARGV[h.job_arg], a.index,
-                     h.retry_at) == 1 then
-        redis.call('ZADD', a.deferred, h.retry_at, h.job_id)
+                     at) == 1 then
+        redis.call('ZADD', a.deferred, at, h.job_id)
       end
     else
       redis.call('HSET', h.delivery, 'status', h.kind == 'dead' and 'dead' or 'done', 'settled_at',
@@ -166,6 +168,15 @@ if a.finish then
   redis.call('DEL', unpack(a.finish))
 end
 return applied
+"""
+)
+
+# KEYS: queue. ARGV: job id, wait ms, now ms ('' = Redis's clock).
+_PARK = (
+    ORDER_LUA
+    + """
+redis.call('ZADD', KEYS[1], 'XX', clock_ms(tonumber(ARGV[3])) + tonumber(ARGV[2]), ARGV[1])
+return 1
 """
 )
 
@@ -206,16 +217,21 @@ class Claim:
 class Settlement:
     """How one handler's claimed attempt ended, or a settled job's release.
 
-    ``retry`` needs ``retry_at_ms`` and, from an event job, the handler ``job`` to
+    ``retry`` needs ``retry_in_ms`` and, from an event job, the handler ``job`` to
     queue; ``dead`` needs the ``letter``; a failed attempt's ``error`` is recorded.
     """
 
     handler: str
     kind: SettleKind
     error: ErrorRecord | None = None
-    retry_at_ms: int = 0
+    retry_in_ms: int = 0
     job: QueuedJob | None = None
     letter: DeadLetter | None = None
+
+
+def _now(ordering: Ordering) -> dict[str, int]:
+    given_ms = ordering.now_ms()
+    return {} if given_ms is None else {"now": given_ms}
 
 
 def _json(value: Any) -> str:
@@ -233,6 +249,7 @@ class DeliveryScripts:
         self._claim = redis.register_script(_CLAIM)
         self._settle = redis.register_script(_SETTLE)
         self._unclaim = redis.register_script(_UNCLAIM)
+        self._park = redis.register_script(_PARK)
 
     async def claim(
         self,
@@ -253,7 +270,6 @@ class DeliveryScripts:
             "queue": queue,
             "order": self.keys.order(transaction_id),
             "deferred": self.keys.deferred,
-            "now": self.ordering.now_ms(),
             "record_now": record_now_ms,
             "token": token,
             "index": index,
@@ -262,6 +278,7 @@ class DeliveryScripts:
             "retention": self._retention_ms,
             "own": own_job_id,
             "handler_mode": mode == "handler",
+            **_now(self.ordering),
             "handlers": [
                 {
                     "delivery": self.keys.delivery(name, event_key),
@@ -307,13 +324,13 @@ class DeliveryScripts:
         would (removed from the queue, its keys deleted), in the same script.
         """
         queue = self.ordering.queue_name
-        now_ms = self.ordering.now_ms()
+        enqueued_ms = self.ordering.now_ms() or now_ms()
         jobs: list[bytes] = []
         handlers = []
         for s in settlements:
             job = s.job
             if job is not None:
-                jobs.append(self.ordering.serialize(job.function, job.args, now_ms))
+                jobs.append(self.ordering.serialize(job.function, job.args, enqueued_ms))
             handlers.append(
                 {
                     "delivery": self.keys.delivery(s.handler, event_key),
@@ -323,7 +340,7 @@ class DeliveryScripts:
                     "kind": s.kind,
                     "error_field": f"error:{s.error.attempt}" if s.error else "",
                     "error": s.error.model_dump_json() if s.error else "",
-                    "retry_at": str(s.retry_at_ms),
+                    "retry_in": s.retry_in_ms,
                     "job_id": job.job_id if job else "",
                     "job_key": job_key_prefix + job.job_id if job else "",
                     "result_key": result_key_prefix + job.job_id if job else "",
@@ -338,7 +355,7 @@ class DeliveryScripts:
             "deferred": self.keys.deferred,
             "dlq": self.keys.dlq,
             "dlq_index": self.keys.dlq_index,
-            "now": now_ms,
+            **_now(self.ordering),
             "record_now": record_now_ms,
             "token": token,
             "retention": self._retention_ms,
@@ -351,6 +368,14 @@ class DeliveryScripts:
         }
         applied = await self._settle(args=[_json(argument), *jobs])
         return [bool(a) for a in applied]
+
+    async def park(self, job_id: str, wait_s: float) -> None:
+        """Move a running job's score ``wait_s`` ahead of now (it returns with ``Retry(None)``)."""
+        given_ms = self.ordering.now_ms()
+        await self._park(
+            keys=[self.ordering.queue_name],
+            args=[job_id, int(wait_s * 1000), "" if given_ms is None else given_ms],
+        )
 
     async def unclaim(self, handler: str, event_key: str, token: str) -> None:
         """Give back a claimed attempt that never really ran (the worker is stopping)."""

@@ -72,6 +72,14 @@ ORDER_PARK_S = 5.0
 
 #: Lua functions shared by the scripts here and in :mod:`worker.deliver.scripts`.
 ORDER_LUA = """
+-- Now, in ms: the caller's clock when it gives one (tests pin it), else Redis's own. Scores,
+-- parks and retry times all use Redis's clock, so worker hosts whose clocks disagree agree.
+local function clock_ms(given)
+  if given then return given end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 -- The score a job woken or queued by job `own` gets: own's, when it is older than now.
 local function base_score(queue, own, now)
   if own ~= '' then
@@ -125,15 +133,16 @@ local function put_job(queue, job_key, result_key, pending, job_id, job, index, 
 end
 """
 
-# KEYS: queue, the event-level zset (consulted, and removed from; the queue = none), the deferred zset, then
-#       (job key, result key, pending zset) per job, then zsets whose first job to wake.
-# ARGV: now ms, member to remove ('' = none), number of jobs, park ms (0 = never check), the
-#       queuing job's id ('' = none), then (job id, job, index, not before ms) per job.
+# KEYS: queue, the event-level zset (consulted, and removed from; the queue = none), the
+#       deferred zset, then (job key, result key, pending zset) per job, then zsets to wake.
+# ARGV: now ms ('' = Redis's clock), member to remove ('' = none), number of jobs, park ms
+#       (0 = never check), the queuing job's id ('' = none), then (job id, job, index, not
+#       before ms) per job.
 # Returns one 1 (created) or 0 (the job or its result already exists) per job.
 _ENQUEUE = (
     ORDER_LUA
     + """
-local now, n, park = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local now, n, park = clock_ms(tonumber(ARGV[1])), tonumber(ARGV[3]), tonumber(ARGV[4])
 local base = base_score(KEYS[1], ARGV[5], now)
 if ARGV[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
 local created = {}
@@ -159,7 +168,7 @@ return created
 
 
 def now_ms() -> int:
-    """Wall-clock milliseconds, the clock arq scores its queue with."""
+    """This host's wall clock in milliseconds (arq's own enqueue time)."""
     return int(time.time() * 1000)
 
 
@@ -177,7 +186,7 @@ def handler_job_id(event_key: str, handler: str, prefix: str = "") -> str:
 class QueuedJob:
     """A job to enqueue together with its pending-set entry.
 
-    ``not_before_ms`` (queue clock) defers it for a retry: it is then also in
+    ``not_before_ms`` (the queue's clock: Redis's) defers it for a retry: it is then also in
     ``P:deferred`` so that no wake-up pulls it forward.
     """
 
@@ -194,11 +203,12 @@ class Ordering:
 
     Whether a delivery may run yet is asked in :mod:`worker.deliver.scripts`, with
     :data:`ORDER_LUA`'s ``first_blocker``, in the same script as the claim.
-    ``clock`` is the queue's clock (Unix seconds; arq uses wall time).
+    ``clock`` pins the queue's clock (Unix seconds) for tests; by default the scripts
+    use Redis's clock.
     """
 
     def __init__(
-        self, redis: ArqRedis, keys: Keys, *, queue_name: str, clock: Callable[[], float] = time.time
+        self, redis: ArqRedis, keys: Keys, *, queue_name: str, clock: Callable[[], float] | None = None
     ) -> None:
         self._redis = redis
         self.keys = keys
@@ -206,8 +216,9 @@ class Ordering:
         self.clock = clock
         self._script = redis.register_script(_ENQUEUE)
 
-    def now_ms(self) -> int:
-        return int(self.clock() * 1000)
+    def now_ms(self) -> int | None:
+        """The pinned clock's now (ms), or None: the scripts then read Redis's clock."""
+        return None if self.clock is None else int(self.clock() * 1000)
 
     def serialize(self, function: str, args: tuple[Any, ...], at_ms: int) -> bytes:
         """A job in arq's format."""
@@ -223,10 +234,12 @@ class Ordering:
         park_s: float,
         parent: str,
     ) -> tuple[list[Any], list[Any]]:
-        at_ms = self.now_ms()
+        given_ms = self.now_ms()
+        # arq's enqueue time, only informational: the score is set by the script.
+        at_ms = given_ms if given_ms is not None else now_ms()
         keys: list[Any] = [self.queue_name, order_key or self.queue_name, self.keys.deferred]
         args: list[Any] = [
-            at_ms,
+            "" if given_ms is None else given_ms,
             remove,
             len(jobs),
             int(park_s * 1000),
