@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import redis
 from arq.connections import ArqRedis
 from arq.constants import health_check_key_suffix, in_progress_key_prefix, job_key_prefix
 
@@ -602,3 +603,74 @@ async def test_a_step_in_flight_at_shutdown_finishes_and_is_recorded(
     assert sent == [1]  # not sent again
     assert attempts == [1, 1]
     assert await DeadLetters(arq_redis, settings).count() == 0
+
+
+# -- found by the review: several inline handlers cancelled together, a settle lost to Redis ------
+
+
+async def test_a_shutdown_mid_event_does_not_rerun_the_handler_that_finished(
+    arq_redis: ArqRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "SHUTDOWN_GRACE_S", 0.2)
+    settings = make_settings(redis_url)
+    runs: dict[str, int] = defaultdict(int)
+    slow_started = asyncio.Event()
+    slow_s = {"sleep": 30.0}
+
+    @handler("fast", retry=RetryPolicy(max_attempts=5, timeout_s=2))
+    async def fast(ctx: HandlerContext) -> None:
+        runs["fast"] += 1
+
+    @handler("slow", retry=RetryPolicy(max_attempts=5, timeout_s=60))
+    async def slow(ctx: HandlerContext) -> None:
+        runs["slow"] += 1
+        slow_started.set()
+        await asyncio.sleep(slow_s["sleep"])
+
+    (event,) = events(1, 1)
+    async with worker(settings, [fast, slow]):
+        await enqueue(arq_redis, settings, [event])
+        await until(lambda: slow_started.is_set() and runs["fast"] == 1, what="both started")
+    # The stop cancelled the event job while slow ran; fast had returned.
+    slow_s["sleep"] = 0
+    records = DeliveryRecords(arq_redis, _keys(settings), retention_s=60)
+
+    async def both_done() -> bool:
+        return all([await records.status(name, event.key) == "done" for name in ("fast", "slow")])
+
+    async with worker(settings, [fast, slow]):
+        await until(both_done, timeout_s=15, what="both done")
+    assert runs["fast"] == 1
+    assert (await records.read("fast", event.key)).attempts == 1
+
+
+async def test_a_settle_lost_to_a_dropped_connection_is_sent_again(
+    arq_redis: ArqRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(redis_url)
+    runs: list[int] = []
+    real_settle = DeliveryScripts.settle
+    dropped: list[bool] = []
+
+    async def flaky_settle(self: DeliveryScripts, *args: Any, **kwargs: Any) -> list[bool]:
+        if not dropped:
+            dropped.append(True)
+            raise redis.ConnectionError("Connection reset by peer")  # the settle never reached Redis
+        return await real_settle(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeliveryScripts, "settle", flaky_settle)
+
+    @handler("pay", retry=RetryPolicy(max_attempts=5, timeout_s=5))
+    async def pay(ctx: HandlerContext) -> None:
+        runs.append(ctx.attempt)
+
+    (event,) = events(2, 1)
+    async with worker(settings, [pay]):
+        await enqueue(arq_redis, settings, [event])
+        await until(lambda: _pay_done(arq_redis, settings), what="settled")
+    assert dropped == [True]
+    assert runs == [1]  # not run again after the lost settle
+
+
+async def _pay_done(redis_pool: ArqRedis, settings: Settings) -> bool:
+    return (await stats(redis_pool, settings, "pay")).get("done", 0) == 1

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 
 from tests.delivery_kit import events, make_settings, stats, until, worker
+from worker.deliver import roster
 from worker.deliver.dlq import DeadLetters
 from worker.deliver.idempotency import DeliveryRecords
 from worker.deliver.roster import ORPHAN_GRACE_S
@@ -98,8 +100,10 @@ async def test_a_job_for_a_handler_another_live_worker_runs_is_handed_back_untou
 
 
 async def test_a_job_for_a_handler_no_worker_has_run_for_long_is_dead_lettered(
-    arq_redis: ArqRedis, redis_url: str
+    arq_redis: ArqRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A worker judges a handler gone only after it has been up a while (SETTLE_S): say it has.
+    monkeypatch.setattr(roster, "SETTLE_S", 0.0)
     settings = make_settings(redis_url)
     keys = Keys(settings.redis_prefix)
     gone_ms = int((time.time() - ORPHAN_GRACE_S - 60) * 1000)
@@ -113,6 +117,29 @@ async def test_a_job_for_a_handler_no_worker_has_run_for_long_is_dead_lettered(
     assert letter.last_error is not None and letter.last_error.type == "HandlerNotRunning"
     assert "no live worker runs handler 'crm' (not seen for" in letter.last_error.message
     assert await arq_redis.zcard(settings.queue_name) == 0  # the queue drains
+
+
+async def test_a_fresh_worker_does_not_judge_a_handler_gone(arq_redis: ArqRedis, redis_url: str) -> None:
+    # After a whole-fleet outage the first worker up must not dead-letter what a worker running
+    # the handler, starting seconds later, will deliver.
+    settings = make_settings(redis_url)
+    keys = Keys(settings.redis_prefix)
+    gone_ms = int((time.time() - ORPHAN_GRACE_S - 60) * 1000)
+    entry = {"transitions": ["*"], "processes": ["*"], "at_ms": gone_ms}
+    await arq_redis.hset(keys.handlers, "crm", json.dumps(entry))  # type: ignore[misc]
+    event_key = await _handler_job(arq_redis, settings, "crm", 9)
+    seen: list[str] = []
+    async with worker(settings, [recorder("other", [])]):
+        job_id = handler_job_id(event_key, "crm", settings.redis_prefix)
+
+        async def handed_back() -> bool:
+            score = await arq_redis.zscore(settings.queue_name, job_id)
+            return score is not None and score > time.time() * 1000
+
+        await until(handed_back, what="the crm job handed back")
+        async with worker(settings, [recorder("crm", seen)]):
+            await until(lambda: seen == [event_key], what="crm's worker delivers it")
+    assert await DeadLetters(arq_redis, settings).count() == 0
 
 
 async def _dlq_count(redis: ArqRedis, settings: object) -> bool:

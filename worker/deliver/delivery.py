@@ -61,19 +61,23 @@ read, a failing predicate's surroundings) dead-letters that delivery with reason
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import pydantic
+import redis
 import structlog
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
+from worker.api.backoff import Backoff
 from worker.api.client import IntegrationClient
 from worker.deliver.dlq import EVENT_JOB_LETTER, DeadLetter, DeadLetters, Reason, report
 from worker.deliver.failures import ErrorRecord, classify, describe
@@ -83,7 +87,6 @@ from worker.deliver.roster import (
     HANDBACK_MAX_S,
     HANDBACK_S,
     ORPHAN_GRACE_S,
-    ORPHAN_HANDBACK_S,
     Roster,
 )
 from worker.deliver.scripts import Claim, DeliveryScripts, Settlement
@@ -102,6 +105,9 @@ log = structlog.get_logger("flexworker.delivery")
 COUNTERS = ("done", "retried", "dead_lettered", "skipped")
 #: Longest single wait for another run's claim on the same delivery.
 BUSY_WAIT_MAX_S = 5.0
+
+T = TypeVar("T")
+_JITTER = random.Random()
 
 
 @dataclass(frozen=True)
@@ -245,12 +251,20 @@ class Delivery:
             for h, c in zip(local, claims, strict=True)
             if c.state == "handoff"
         ]
-        if handoffs:
-            # Before the event's order entry goes, so the deliveries are never in neither set.
-            await self.ordering.enqueue(
-                handoffs, order_key=self.keys.order(ids.transaction_id), park_s=ORDER_PARK_S, parent=job_id
-            )
         running = [(h, c) for h, c in zip(local, claims, strict=True) if c.state == "claimed"]
+        if handoffs:
+            try:
+                # Before the event's order entry goes, so the deliveries are never in neither set.
+                await self.ordering.enqueue(
+                    handoffs,
+                    order_key=self.keys.order(ids.transaction_id),
+                    park_s=ORDER_PARK_S,
+                    parent=job_id,
+                )
+            except BaseException:
+                # Nothing ran: give the claims back, so the job's rerun spends no attempt on them.
+                await asyncio.shield(self._unclaim_all([h.name for h, _ in running], ids.key, token))
+                raise
         settlements = [
             Settlement(h.name, "release")
             for h, c in zip(local, claims, strict=True)
@@ -263,7 +277,18 @@ class Delivery:
         if len(attempts) == 1:
             settlements.append(await attempts[0])  # no task needed for one
         elif attempts:
-            settlements += await asyncio.gather(*attempts)
+            tasks = [asyncio.ensure_future(attempt) for attempt in attempts]
+            try:
+                settlements += await asyncio.gather(*tasks)
+            except asyncio.CancelledError:
+                # A stopping worker: the attempts still running give themselves back; those that
+                # finished are settled now (the job runs again, so its order entry stays).
+                await asyncio.wait(tasks)
+                finished = [t.result() for t in tasks if not t.cancelled() and t.exception() is None]
+                await asyncio.shield(
+                    self._settle(settlements + finished, ids, token=token, job_id=job_id, finished=False)
+                )
+                raise
         await self._settle(
             settlements,
             ids,
@@ -273,6 +298,16 @@ class Delivery:
             wake=[self.keys.pending(name, ids.transaction_id) for name in self.roster.all_names],
         )
         return Outcome("event")
+
+    async def _until_redis_answers(self, call: Callable[[], Awaitable[T]]) -> T:
+        # Handlers already ran: a settle lost to a dropped connection or a Redis restart would
+        # make them run again, so it is sent again (it is idempotent) while Redis is away.
+        return await _retrying(call, limit_s=self.settings.redis_outage_limit_s)
+
+    async def _unclaim_all(self, handlers: Sequence[str], event_key: str, token: str) -> None:
+        for handler in handlers:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.scripts.unclaim(handler, event_key, token)
 
     async def _unreadable(self, payload: dict[str, Any], job_id: str, exc: Exception) -> None:
         """An event job whose payload lacks the fields to key its deliveries: one dead letter."""
@@ -309,19 +344,14 @@ class Delivery:
             return Outcome("dead")
         loaded = self.handlers.get(handler)
         if loaded is None:
-            await self.roster.refresh()
-            absent_s = self.roster.absent_s(handler)
-            if absent_s < ORPHAN_GRACE_S:
-                # Not ours to run: hand it back untouched, for a worker that runs it.
-                # Jittered: a fixed park would bring the job due just before this same worker's
-                # next poll every time, so the worker that runs the handler might never get it;
-                # and longer each time it comes back (arq's try count), so that a busy worker
+            await self.roster.refresh(force=True)
+            if self.roster.absent_s(handler) < ORPHAN_GRACE_S or not self.roster.settled:
+                # Not ours to run: hand it back untouched, for a worker that runs it. Jittered: a
+                # fixed park would bring the job due just before this same worker's next poll
+                # every time, so the worker that runs the handler might never get it; and
+                # longer each time it comes back (arq's try count), so that a busy worker
                 # running the handler is not raced by a tight loop of hand-backs.
-                park_s = (
-                    min(HANDBACK_S * 2 ** min(job_try - 1, 10), HANDBACK_MAX_S)
-                    if absent_s == 0
-                    else ORPHAN_HANDBACK_S
-                )
+                park_s = min(HANDBACK_S * 2 ** min(job_try - 1, 10), HANDBACK_MAX_S)
                 wait_s = park_s * (0.5 + self._rng.random())
                 await self._park(job_id, wait_s)
                 self._hand_back(job_id, wait_s)
@@ -573,7 +603,7 @@ class Delivery:
         record_now_ms = self._now_ms()
         finish = _arq_keys(job_id) if finished else ()
         try:
-            applied = await settle()
+            applied = await self._until_redis_answers(settle)
         except asyncio.CancelledError:
             # A cancel (a stopping worker) must not cut the settle of attempts that ran: the
             # settle is idempotent, so send it again, shielded (a repeat changes nothing).
@@ -586,6 +616,20 @@ class Delivery:
         for settlement, ok in zip(settlements, applied, strict=True):
             if ok and settlement.letter is not None:
                 report(settlement.letter)
+
+
+async def _retrying(call: Callable[[], Awaitable[T]], *, limit_s: float) -> T:
+    """``call()``, sent again while Redis cannot be reached, for up to ``limit_s``."""
+    backoff = Backoff(base_s=0.1, cap_s=2.0, max_attempts=1)
+    started_s = time.monotonic()
+    for attempt in itertools.count():
+        try:
+            return await call()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            if time.monotonic() - started_s >= limit_s:
+                raise
+            await asyncio.sleep(backoff.delay_s(attempt, _JITTER))
+    raise AssertionError("unreachable")
 
 
 def _arq_keys(job_id: str) -> tuple[str, str, str]:
