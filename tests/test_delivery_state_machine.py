@@ -25,7 +25,7 @@ dead workers' leases ended, the queue drains, every subscribed pair is done (its
 effect exactly once) or dead-lettered, and no order, pending, deferred, claim or job
 key is left.
 
-``FLEXWORKER_STATE_EXAMPLES`` sets the number of examples (default 150).
+``FLEXWORKER_STATE_EXAMPLES`` sets the number of examples (default 300).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from worker.queue.ordering import event_job_id, handler_job_id
 from worker.registry import LoadedHandler, activate
 from worker.settings import Settings
 
-EXAMPLES = int(os.environ.get("FLEXWORKER_STATE_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("FLEXWORKER_STATE_EXAMPLES", "300"))
 
 #: Every retry waits uniform(0, 10 s), at least what a RetryLater asks; three attempts in all
 #: (so that a plan of three failures, or crashes, uses them up).
@@ -79,24 +79,6 @@ MAX_TRANSITIONS = 5
 DRAIN_ROUNDS = 3000
 #: What flexworker logs when its own code fails around a job (the job is kept, but it is a bug).
 INTERNAL_FAILURES = {"event job failed; it runs again", "handler job failed; it runs again"}
-
-#: A known issue in worker/deliver/runner.py: when a settle was applied but its reply lost,
-#: the job function raises arq's ``Retry(defer=STORE_RETRY_S)``, and arq then moves the
-#: job's score by ``defer + (now - its score when taken)`` (``ZINCRBY``). A job the settle
-#: had finished comes back into the queue without a job key (arq fails it as "expired");
-#: a job the settle had deferred to ``retry_at`` is pushed past it by as long as it had
-#: waited in the queue (hours, after an outage), and its transaction's later deliveries to
-#: that handler wait behind it. While True, those two symptoms are tolerated for jobs whose
-#: settle reply was lost, and only for them; set it to False to see them (one event whose
-#: handler fails once, with the reply of that settle lost, is enough).
-KNOWN_LOST_REPLY_REQUEUE = True
-#: A known issue in worker/deliver/delivery.py: when an event job is cancelled while one of
-#: its inline attempts runs, ``asyncio.gather`` raises and ``deliver_event`` never settles
-#: the sibling attempts that had already finished: their claims stay until the lease ends
-#: and their attempts count, so the delivery runs again after ``timeout_s + 10 s`` (and is
-#: dead-lettered as ``AttemptLost`` when that finished attempt was its last). While True,
-#: the check that a cancelled run holds no claim afterwards is off.
-KNOWN_CANCEL_LEAVES_CLAIMS = True
 
 Pair = tuple[str, str]  # (handler, event key)
 T = TypeVar("T")
@@ -191,8 +173,6 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.later: dict[Pair, tuple[int, float]] = {}
         #: job id -> the fault to inject after its next settle.
         self.settle_faults: dict[str, str] = {}
-        #: jobs whose settle reply was lost (see KNOWN_LOST_REPLY_REQUEUE).
-        self.lost_replies: set[str] = set()
         #: claims of dead runs: key -> (token, the lease's end in ms).
         self.leases: dict[str, tuple[bytes, int]] = {}
         self.purged: set[Pair] = set()
@@ -268,7 +248,6 @@ class DeliveryMachine(RuleBasedStateMachine):
             job_id = kwargs["own_job_id"]
             fault = self.settle_faults.pop(job_id, "")
             if fault == "lost":
-                self.lost_replies.add(job_id)
                 raise redis.ConnectionError("the settle's reply was lost (injected)")
             if fault == "crash":
                 raise Crash()
@@ -492,9 +471,8 @@ class DeliveryMachine(RuleBasedStateMachine):
             self.trace.append(f"{batch_ms}: {job.job_id} try {job.job_try}: {job.outcome} {job.error!r}")
             if job.outcome == "error":
                 self.violations.append(f"job {job.job_id} let an exception out to arq: {job.error!r}")
-        known = self.lost_replies if KNOWN_LOST_REPLY_REQUEUE else set()
-        if expired := [j for j in self.arq.expired if j not in known]:
-            self.violations.append(f"arq found queued jobs without a job key (expired): {expired}")
+        if self.arq.expired:
+            self.violations.append(f"arq found queued jobs without a job key (expired): {self.arq.expired}")
         self.arq.expired.clear()
         cancelled = {f"{job.job_id}#{job.job_try}".encode() for job in runs if job.outcome == "cancelled"}
         await self._after_batch(batch_ms, cancelled)
@@ -504,7 +482,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         claims = [k async for k in self.redis.scan_iter(match=f"{self.keys.prefix}:claim:*")]
         tokens = await self.redis.mget(claims) if claims else []
         held = {k.decode(): t for k, t in zip(claims, tokens, strict=True) if t is not None}
-        if not KNOWN_CANCEL_LEAVES_CLAIMS and (left := {k for k, t in held.items() if t in cancelled}):
+        if left := {k for k, t in held.items() if t in cancelled}:
             # A cancelled run gives its attempts back or settles them: it holds no claim after.
             self.violations.append(f"a cancelled run still holds {left}")
         for key, token in held.items():
@@ -628,11 +606,10 @@ class DeliveryMachine(RuleBasedStateMachine):
                 pipe.exists(job_key_prefix + job_id)
             alive = {job_id for job_id, n in zip(queue, await pipe.execute(), strict=True) if n}
 
-        known = self.lost_replies if KNOWN_LOST_REPLY_REQUEUE else set()
         problems: list[str] = []
         if dlq != dlq_index:
             problems.append(f"P:dlq {dlq} and its index {dlq_index} differ")
-        if missing := set(queue) - alive - known:
+        if missing := set(queue) - alive:
             problems.append(f"queued without a job key: {missing}")
         for zset, members in entries.items():
             if stale := members - alive:
@@ -644,7 +621,7 @@ class DeliveryMachine(RuleBasedStateMachine):
                 problems.append(
                     f"deferred job {member} scored {queue[member]}, before its retry time {until}"
                 )
-            if queue[member] > until + STORE_RETRY_S * 1000 and member not in known:
+            if queue[member] > until + STORE_RETRY_S * 1000:
                 problems.append(
                     f"deferred job {member} scored {queue[member]}, long after its retry time {until}"
                 )
