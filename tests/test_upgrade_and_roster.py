@@ -84,11 +84,7 @@ async def test_a_job_for_a_handler_another_live_worker_runs_is_handed_back_untou
     async with worker(settings, [recorder("other", [])]):
         job_id = handler_job_id(event_key, "crm", settings.redis_prefix)
 
-        async def handed_back() -> bool:
-            score = await arq_redis.zscore(settings.queue_name, job_id)
-            return score is not None and score > time.time() * 1000
-
-        await until(handed_back, what="the crm job parked")
+        await until(lambda: _handed_back(arq_redis, settings.queue_name, job_id), what="the crm job parked")
         # No attempt, no record, no retry spent.
         record = await DeliveryRecords(arq_redis, Keys(settings.redis_prefix), retention_s=60).read(
             "crm", event_key
@@ -132,11 +128,7 @@ async def test_a_fresh_worker_does_not_judge_a_handler_gone(arq_redis: ArqRedis,
     async with worker(settings, [recorder("other", [])]):
         job_id = handler_job_id(event_key, "crm", settings.redis_prefix)
 
-        async def handed_back() -> bool:
-            score = await arq_redis.zscore(settings.queue_name, job_id)
-            return score is not None and score > time.time() * 1000
-
-        await until(handed_back, what="the crm job handed back")
+        await until(lambda: _handed_back(arq_redis, settings.queue_name, job_id), what="handed back")
         async with worker(settings, [recorder("crm", seen)]):
             await until(lambda: seen == [event_key], what="crm's worker delivers it")
     assert await DeadLetters(arq_redis, settings).count() == 0
@@ -144,3 +136,9 @@ async def test_a_fresh_worker_does_not_judge_a_handler_gone(arq_redis: ArqRedis,
 
 async def _dlq_count(redis: ArqRedis, settings: object) -> bool:
     return await DeadLetters(redis, settings).count() > 0  # type: ignore[arg-type]
+
+
+async def _handed_back(redis: ArqRedis, queue_name: str, job_id: str) -> bool:
+    """Whether the job is parked ahead of now, as a hand-back leaves it."""
+    score = await redis.zscore(queue_name, job_id)
+    return score is not None and score > time.time() * 1000

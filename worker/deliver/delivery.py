@@ -183,11 +183,6 @@ class Delivery:
         self._rng = rng or random.Random()
         self._clock = clock
 
-    @property
-    def longest_timeout_s(self) -> float:
-        """The longest any enabled handler's attempt may run, lease margin included."""
-        return max((h.spec.retry.timeout_s for h in self.handlers.values()), default=0.0) + LEASE_MARGIN_S
-
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), tz=UTC)
 
@@ -215,12 +210,7 @@ class Delivery:
         except (KeyError, TypeError, ValueError) as exc:
             await self._unreadable(payload, job_id, exc)
             return Outcome("dead")
-        event: TransitionEvent | None = None
-        invalid: Exception | None = None
-        try:
-            event = TransitionEvent.model_validate(payload)
-        except pydantic.ValidationError as exc:
-            invalid = exc  # each handler's delivery is dead-lettered with it, below
+        event, invalid = _validated(payload)  # an invalid event dead-letters each delivery, below
         await self.roster.refresh()
         local = [
             loaded
@@ -232,16 +222,8 @@ class Delivery:
         token = f"{job_id}#{job_try}"
         claims: list[Claim] = []
         if local:
-            claims = await self.scripts.claim(
-                [(h.name, h.spec.retry.timeout_s + LEASE_MARGIN_S) for h in local],
-                event_key=ids.key,
-                transaction_id=ids.transaction_id,
-                index=ids.index,
-                token=token,
-                own_job_id=job_id,
-                mode="event",
-                record_now_ms=self._now_ms(),
-                job_ids=[handler_job_id(ids.key, h.name, self.keys.prefix) for h in local],
+            claims = await self._claim(
+                [(h.name, h.spec.retry) for h in local], ids, token=token, job_id=job_id, mode="event"
             )
             if claims[0].state == "parked":
                 return Outcome("wait")
@@ -304,6 +286,30 @@ class Delivery:
         # make them run again, so it is sent again (it is idempotent) while Redis is away.
         return await _retrying(call, limit_s=self.settings.redis_outage_limit_s)
 
+    async def _claim(
+        self,
+        handlers: Sequence[tuple[str, RetryPolicy]],
+        ids: _Ids,
+        *,
+        token: str,
+        job_id: str,
+        mode: Literal["event", "handler"],
+    ) -> list[Claim]:
+        return await self.scripts.claim(
+            [(name, policy.timeout_s + LEASE_MARGIN_S) for name, policy in handlers],
+            event_key=ids.key,
+            transaction_id=ids.transaction_id,
+            index=ids.index,
+            token=token,
+            own_job_id=job_id,
+            mode=mode,
+            record_now_ms=self._now_ms(),
+            # An event job asks whether a handler job already holds each delivery.
+            job_ids=[handler_job_id(ids.key, name, self.keys.prefix) for name, _ in handlers]
+            if mode == "event"
+            else (),
+        )
+
     async def _unclaim_all(self, handlers: Sequence[str], event_key: str, token: str) -> None:
         for handler in handlers:
             with contextlib.suppress(redis.RedisError, OSError):
@@ -358,16 +364,7 @@ class Delivery:
                 return Outcome("handback")
         token = f"{job_id}#{job_try}"
         policy = loaded.spec.retry if loaded is not None else RetryPolicy()
-        (claim,) = await self.scripts.claim(
-            [(handler, policy.timeout_s + LEASE_MARGIN_S)],
-            event_key=ids.key,
-            transaction_id=ids.transaction_id,
-            index=ids.index,
-            token=token,
-            own_job_id=job_id,
-            mode="handler",
-            record_now_ms=self._now_ms(),
-        )
+        (claim,) = await self._claim([(handler, policy)], ids, token=token, job_id=job_id, mode="handler")
         wake = [self.keys.pending(handler, ids.transaction_id)]
         if claim.state in ("done", "dead"):
             await self._settle([Settlement(handler, "release")], ids, token=token, job_id=job_id, wake=wake)
@@ -381,12 +378,7 @@ class Delivery:
             settlement = await self._orphaned(handler, payload, ids, job_id, claim.attempt)
             await self._settle([settlement], ids, token=token, job_id=job_id, wake=wake)
             return Outcome("dead")
-        event: TransitionEvent | None = None
-        invalid: Exception | None = None
-        try:
-            event = TransitionEvent.model_validate(payload)
-        except pydantic.ValidationError as exc:
-            invalid = exc
+        event, invalid = _validated(payload)
         settlement = await self._attempt(
             loaded, claim.attempt, payload, ids, event, invalid, token=token, job_id=job_id, inline=False
         )
@@ -635,6 +627,14 @@ async def _retrying(call: Callable[[], Awaitable[T]], *, limit_s: float) -> T:
 def _arq_keys(job_id: str) -> tuple[str, str, str]:
     """arq's keys of a job, which a settle that ends the job deletes as arq would."""
     return (job_key_prefix + job_id, retry_key_prefix + job_id, in_progress_key_prefix + job_id)
+
+
+def _validated(payload: dict[str, Any]) -> tuple[TransitionEvent | None, Exception | None]:
+    """The queued event, or the validation error that keeps it from being one."""
+    try:
+        return TransitionEvent.model_validate(payload), None
+    except pydantic.ValidationError as exc:
+        return None, exc
 
 
 def _wanted(loaded: LoadedHandler, event: TransitionEvent) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
@@ -30,7 +30,7 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
 
-from worker.deliver.delivery import Delivery
+from worker.deliver.delivery import Delivery, Outcome
 from worker.deliver.roster import HEARTBEAT_S
 from worker.queue.ordering import EVENT_JOB_FUNCTION, HANDLER_JOB_FUNCTION
 from worker.settings import Settings
@@ -65,43 +65,36 @@ CTX_DELIVERY = "flexworker_delivery"
 async def handle_event(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     """arq job: deliver one event to the handlers that subscribe to it."""
     delivery: Delivery = ctx[CTX_DELIVERY]
-    job_id: str = ctx["job_id"]
-    try:
-        outcome = await delivery.deliver_event(payload, job_id=job_id, job_try=ctx["job_try"])
-    except redis.RedisError as exc:
-        log.warning("event job deferred: Redis failed", job_id=job_id, error=type(exc).__name__)
-        raise Retry(defer=STORE_RETRY_S) from exc
-    except Exception as exc:
-        # A fault in our own code outside any one delivery: keep the job, say so, try later.
-        delay_s = min(FAILING_RETRY_MAX_S, STORE_RETRY_S * 2 ** min(ctx["job_try"], 10))
-        log.error(
-            "event job failed; it runs again", job_id=job_id, error=type(exc).__name__, retry_in_s=delay_s
-        )
-        raise Retry(defer=delay_s) from exc
-    if outcome.again:
-        raise Retry(defer=None)  # parked behind an earlier event: the claim set its score
+    await _run(
+        ctx, "event job", delivery.deliver_event(payload, job_id=ctx["job_id"], job_try=ctx["job_try"])
+    )
 
 
 async def run_handler(ctx: dict[str, Any], handler: str, payload: dict[str, Any]) -> str:
     """arq job: deliver one event to one handler; run again while waiting or retrying."""
     delivery: Delivery = ctx[CTX_DELIVERY]
+    job = delivery.deliver(handler, payload, job_id=ctx["job_id"], job_try=ctx["job_try"])
+    return (await _run(ctx, "handler job", job)).kind
+
+
+async def _run(ctx: dict[str, Any], what: str, job: Awaitable[Outcome]) -> Outcome:
+    """Await a job's delivery; anything that keeps it from ending re-defers it, never drops it."""
     job_id: str = ctx["job_id"]
     try:
-        outcome = await delivery.deliver(handler, payload, job_id=job_id, job_try=ctx["job_try"])
+        outcome = await job
     except redis.RedisError as exc:
-        log.warning(
-            "delivery deferred: Redis failed", job_id=job_id, handler=handler, error=type(exc).__name__
-        )
+        log.warning(f"{what} deferred: Redis failed", job_id=job_id, error=type(exc).__name__)
         raise Retry(defer=STORE_RETRY_S) from exc
     except Exception as exc:
+        # A fault in our own code outside any one delivery: keep the job, say so, try later.
         delay_s = min(FAILING_RETRY_MAX_S, STORE_RETRY_S * 2 ** min(ctx["job_try"], 10))
         log.error(
-            "handler job failed; it runs again", job_id=job_id, error=type(exc).__name__, retry_in_s=delay_s
+            f"{what} failed; it runs again", job_id=job_id, error=type(exc).__name__, retry_in_s=delay_s
         )
         raise Retry(defer=delay_s) from exc
     if outcome.again:
-        raise Retry(defer=None)  # the scripts set the job's score: leave it
-    return outcome.kind
+        raise Retry(defer=None)  # the scripts set the job's score (parked, deferred): leave it
+    return outcome
 
 
 # KEYS: the job's in-progress key, the queue. ARGV: job id, in-progress ms.
